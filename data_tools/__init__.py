@@ -1,0 +1,1 @@
+"""A team's own data: ingest, validate and report, prepare, synthetic benchmark world."""

@@ -1,0 +1,78 @@
+"""Adapters: one stage's LoRA weights in the file format stock diffusers pipelines load.
+
+    adapters/stage_I/pytorch_lora_weights.safetensors
+
+Keys are peft's own names under the `unet.` prefix (what `IFPipeline.save_lora_weights`
+writes for a peft state dict). They are NOT passed through
+`convert_state_dict_to_diffusers`: for IF's attention blocks that older key style loads only
+the `add_k_proj`/`add_v_proj` layers and silently drops to_q/k/v/out (measured with
+diffusers 0.42; the adapter test counts every key to catch such losses).
+
+The safetensors metadata carries `lora_adapter_metadata` (the peft LoraConfig, read by
+diffusers so rank != alpha loads with the right scale) and `finetune` (our provenance:
+stage, rank, alpha, recipe hash, base cascade, data fingerprints, kit version).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_path
+from .lora import ADAPTER_NAME
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+UNET_PREFIX = "unet."
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+KIT_METADATA_KEY = "finetune"
+
+
+def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return {UNET_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_adapter(unet, out_dir: str | Path, provenance: dict,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter file atomically; `state` overrides the UNet's weights (EMA)."""
+    state = adapter_state_dict(unet) if state is None else state
+    config = unet.peft_config[ADAPTER_NAME].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True, default=str),
+        KIT_METADATA_KEY: json.dumps(provenance, sort_keys=True, default=str),
+    }
+    target = Path(out_dir) / WEIGHT_NAME
+    with atomic_path(target) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return target
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, peft config dict, provenance dict) of an adapter folder or file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHT_NAME
+    with safe_open(path, "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta = handle.metadata() or {}
+    return (tensors, json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}")),
+            json.loads(meta.get(KIT_METADATA_KEY, "{}")))
+
+
+def load_adapter_weights(unet, tensors: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (as written by `save_adapter`) into a UNet that already has the
+    same LoRA attached; every key must match."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise RuntimeError(f"adapter keys not in the model: {unexpected[:3]}")

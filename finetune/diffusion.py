@@ -1,0 +1,83 @@
+"""Diffusion maths for IF-style pixel UNets, as small pure functions.
+
+IF UNets predict 6 channels: epsilon (3) and a variance interpolation value v (3), read by
+diffusers' `DDPMScheduler(variance_type="learned_range")` as
+
+    log var = f * log(beta_t) + (1 - f) * log(clamp(beta~_t, 1e-20)),  f = (v + 1) / 2
+
+(Nichol & Dhariwal 2021, "Improved DDPM", eq. 15, in diffusers' clamped form). Training only
+the epsilon half would leave v drifting under LoRA (it shares every weight), and the stock
+scheduler would then sample with a wrong variance. So by default v is trained with the
+Improved-DDPM hybrid objective: MSE on epsilon plus the variational bound term L_t, with the
+mean stopped from receiving its gradient (their Section 3.1), in bits per dimension, weight 1
+per timestep (equivalent to their lambda = 0.001 on the full sum over 1000 steps).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def split_prediction(model_output: torch.Tensor, channels: int = 3):
+    """(eps, v) from a 6-channel IF prediction; v is None for a 3-channel model."""
+    if model_output.shape[1] == 2 * channels:
+        return model_output[:, :channels], model_output[:, channels:]
+    return model_output, None
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    out = values.to(t.device)[t].float()
+    return out.view(-1, *([1] * (ndim - 1)))
+
+
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def variance_vlb(alphas_cumprod: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+                 t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-sample L_t (bits/dim) of the learned-range variance, mean fixed by `eps` (detached).
+
+    Zero at t = 0: the stock scheduler adds no noise at the last step, so the variance there
+    never affects a sample.
+    """
+    nd = x0.ndim
+    abar_t = _gather(alphas_cumprod, t, nd)
+    abar_prev = _gather(alphas_cumprod, (t - 1).clamp(min=0), nd)
+    abar_prev = torch.where(_gather_mask(t, nd), abar_prev, torch.ones_like(abar_prev))
+    beta_t = 1 - abar_t / abar_prev
+    post_var = (1 - abar_prev) / (1 - abar_t) * beta_t
+    post_logvar = torch.log(post_var.clamp(min=1e-20))
+    coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
+    coef_xt = (1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    x0_pred = (x_t - (1 - abar_t).sqrt() * eps.detach()) / abar_t.sqrt()
+    model_mean = coef_x0 * x0_pred + coef_xt * x_t
+    frac = (v + 1) / 2
+    model_logvar = frac * torch.log(beta_t) + (1 - frac) * post_logvar
+    kl = gaussian_kl(true_mean, post_logvar, model_mean, model_logvar)
+    kl = kl.flatten(1).mean(1) / math.log(2.0)
+    return torch.where(t > 0, kl, torch.zeros_like(kl))
+
+
+def _gather_mask(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return (t > 0).view(-1, *([1] * (ndim - 1)))
+
+
+def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error of the epsilon prediction (Ho et al. 2020, L_simple)."""
+    return F.mse_loss(eps_pred.float(), noise.float(), reduction="none").flatten(1).mean(1)
+
+
+def degrade_for_super_resolution(images: torch.Tensor, low_size: int) -> torch.Tensor:
+    """The conditioning a super-resolution stage sees: the target image down-sampled to the
+    previous stage's size, then up-sampled back the way `IFSuperResolutionPipeline` does
+    (bilinear, align_corners=True)."""
+    size = images.shape[-1]
+    low = F.interpolate(images, size=(low_size, low_size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=True)

@@ -1,0 +1,78 @@
+"""One training objective per stage: how a batch becomes UNet inputs and a loss.
+
+Stage I (text to image):  unet(x_t, t, text)
+Stage II (super-resolution, Imagen's noise-conditioning augmentation, Saharia et al. 2022 §2.4):
+    low = up(down(x0))                     the previous stage's output, simulated
+    low_t = image_noising_scheduler.add_noise(low, n, s),  s ~ U[aug_min, aug_max]
+    unet(cat[x_t, low_t], t, text, class_labels=s)
+exactly the inputs `IFSuperResolutionPipeline` builds at sampling time (it uses s = 250).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .diffusion import degrade_for_super_resolution, epsilon_mse, split_prediction, variance_vlb
+
+
+@dataclass
+class StageObjective:
+    scheduler: object                       # the stage's DDPMScheduler
+    image_noising_scheduler: object = None  # set for a super-resolution stage
+    low_size: int | None = None             # previous stage's resolution (super-resolution)
+    noise_aug_min: int = 0
+    noise_aug_max: int = 999
+    variance: str = "vlb"                   # "vlb" trains the learned variance; "ignore" does not
+    vlb_weight: float = 1.0
+
+    @property
+    def super_resolution(self) -> bool:
+        return self.image_noising_scheduler is not None
+
+    def draw(self, images_shape: tuple, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Every random number one global batch needs, drawn on the CPU from `generator`.
+
+        Drawing for the whole global batch and slicing per process makes a run's numbers
+        independent of how many processes share the batch (1 vs N processes match)."""
+        batch = images_shape[0]
+        num_t = self.scheduler.config.num_train_timesteps
+        draws = {"noise": torch.randn(images_shape, generator=generator),
+                 "t": torch.randint(0, num_t, (batch,), generator=generator)}
+        if self.super_resolution:
+            draws["level"] = torch.randint(self.noise_aug_min, self.noise_aug_max + 1, (batch,),
+                                           generator=generator)
+            draws["low_noise"] = torch.randn(images_shape, generator=generator)
+        return draws
+
+    def unet_inputs(self, images: torch.Tensor, draws: dict[str, torch.Tensor]):
+        """Noise a batch: returns (model_input, t, noise, x_t, unet kwargs)."""
+        device, dtype = images.device, images.dtype
+        noise = draws["noise"].to(device, dtype)
+        t = draws["t"].to(device)
+        x_t = self.scheduler.add_noise(images, noise, t)
+        kwargs = {}
+        model_input = x_t
+        if self.super_resolution:
+            low = degrade_for_super_resolution(images, self.low_size)
+            level = draws["level"].to(device)
+            low = self.image_noising_scheduler.add_noise(low, draws["low_noise"].to(device, dtype), level)
+            model_input = torch.cat([x_t, low], dim=1)
+            kwargs["class_labels"] = level
+        return model_input, t, noise, x_t, kwargs
+
+    def loss(self, unet, images: torch.Tensor, text_embeds: torch.Tensor,
+             draws: dict[str, torch.Tensor]):
+        """Per-sample loss (B,) and a dict of scalar metrics."""
+        model_input, t, noise, x_t, kwargs = self.unet_inputs(images, draws)
+        out = unet(model_input, t, encoder_hidden_states=text_embeds, **kwargs).sample
+        eps, v = split_prediction(out, channels=images.shape[1])
+        mse = epsilon_mse(eps, noise)
+        loss = mse
+        metrics = {"loss_eps": mse.mean().detach()}
+        if v is not None and self.variance == "vlb":
+            vlb = variance_vlb(self.scheduler.alphas_cumprod, images.float(), x_t.float(), t,
+                               eps.float(), v.float())
+            loss = loss + self.vlb_weight * vlb
+            metrics["loss_vlb"] = vlb.mean().detach()
+        return loss, metrics

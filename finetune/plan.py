@@ -1,0 +1,38 @@
+"""`finetune plan`: what a recipe will train, before it trains - parameters per stage
+(total, trainable, frozen) with LoRA attached, data counts and steps per phase."""
+from __future__ import annotations
+
+from .cascade import Cascade, default_cache_dir
+from .lora import attach_lora, count_parameters
+
+
+def stage_parameter_counts(cascade: Cascade, stage: str, lora):
+    unet = cascade.load_unet(stage)
+    attach_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    return count_parameters(unet)
+
+
+def make_plan(loaded) -> str:
+    from data_tools.ingest import ingest
+
+    from .phase_data import resolve_data_path
+
+    recipe = loaded.recipe
+    cache_dir = default_cache_dir() if recipe.cache_dir is None else __import__("pathlib").Path(recipe.cache_dir)
+    cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
+                                recipe.cascade.revision, cache_dir)
+    lines = [f"recipe {recipe.name} (sha256 {loaded.hash[:12]}) -> {recipe.output_dir}",
+             f"{'stage':<6}{'res':>5}{'total':>14}{'trainable':>12}{'frozen':>14}{'frozen %':>10}"]
+    for stage in recipe.cascade.stages:
+        counts = stage_parameter_counts(cascade, stage, recipe.lora)
+        lines.append(f"{stage:<6}{cascade.resolution(stage):>5}{counts.total:>14,}{counts.trainable:>12,}"
+                     f"{counts.frozen:>14,}{counts.frozen_fraction:>10.2%}")
+    lines.append(f"lora rank {recipe.lora.rank}, alpha {recipe.lora.alpha}, minimum frozen "
+                 f"{recipe.lora.min_frozen_fraction:.0%}")
+    for phase in recipe.phases:
+        found = ingest(resolve_data_path(phase.data, cache_dir), phase.data.format,
+                       phase.data.caption_column, phase.data.image_column)
+        batch = phase.batch_size or recipe.optim.batch_size
+        lines.append(f"phase {phase.name}: {len(found.records)} samples listed "
+                     f"({len(found.rejected)} rejected before decoding), {phase.steps} steps x batch {batch}")
+    return "\n".join(lines)

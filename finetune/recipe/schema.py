@@ -1,0 +1,139 @@
+"""The recipe schema: every key a recipe may hold, its type, range and default.
+
+Unknown keys are errors (a typo must never silently change training). Cross-field rules
+live in `Recipe.check` so they are reported together with the field errors.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+StageName = Literal["I", "II", "III"]
+IF_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class CascadeSpec(Strict):
+    path: str | None = Field("builtin:tiny-random", description=(
+        "A folder in the IF layout (stage_I/, stage_II/), a single IFPipeline folder, or "
+        "builtin:tiny-random. Example: path: ./my-cascade"))
+    stage_paths: dict[StageName, str] = Field(default_factory=dict, description=(
+        "Per-stage folder or cached hub id; overrides path. Example: {I: DeepFloyd/IF-I-XL-v1.0}"))
+    revision: str | None = Field(None, description="Hub revision for hub ids.")
+    stages: list[StageName] = Field(default_factory=lambda: ["I"], min_length=1,
+                                    description="Stages to adapt, in cascade order.")
+
+
+class LoraSpec(Strict):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r; higher = more capacity, more memory.")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(default_factory=lambda: list(IF_LORA_TARGETS), min_length=1,
+                                      description="Module name suffixes to adapt (IF attention by default).")
+    min_frozen_fraction: float = Field(0.9, gt=0.0, le=1.0, description=(
+        "Refuse to run if less than this fraction of the stage's parameters is frozen."))
+
+
+class LRSpec(Strict):
+    start: float = Field(1.0e-4, gt=0, description="Learning rate at step 0 (after warm-up).")
+    end: float = Field(1.0e-5, gt=0, description="Floor of the step decay.")
+    decay_every: int = Field(50_000, ge=1, description="Optimizer steps between decays.")
+    decay_factor: float = Field(10.0, gt=1.0, description="Divide the rate by this at each decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    restart_each_phase: bool = Field(False, description=(
+        "Restart the schedule at each phase (default: one schedule across all phases)."))
+
+
+class OptimSpec(Strict):
+    batch_size: int = Field(16, ge=1, description="Global batch per optimizer step, across processes and accumulation.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; lowers memory at equal batch.")
+    lr: LRSpec = Field(default_factory=LRSpec)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
+
+
+class DataSpec(Strict):
+    path: str = Field(..., description="Dataset folder. Example: path: data/domain")
+    format: Literal["auto", "imagefolder", "pairs"] = "auto"
+    caption_column: str | None = Field(None, description="Caption column of metadata files (default: text/caption/prompt).")
+    image_column: str = "file_name"
+    on_bad_sample: Literal["skip", "fail"] = Field("skip", description="skip: report and leave out; fail: stop before training.")
+    min_samples: int = Field(1, ge=1, description="Fail before training when fewer usable samples remain.")
+    too_small: Literal["upscale", "skip"] = "upscale"
+    flip: bool = Field(False, description="Random horizontal flips (not for data with text or left/right captions).")
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+
+
+class PhaseSpec(Strict):
+    name: str = Field(..., min_length=1, description="general, domain, ... (free, order kept)")
+    data: DataSpec
+    steps: int = Field(..., ge=1, description="Optimizer steps per stage in this phase.")
+    batch_size: int | None = Field(None, ge=1, description="Overrides optim.batch_size for this phase.")
+    lr: LRSpec | None = Field(None, description="Overrides optim.lr for this phase (implies a restart).")
+
+
+class StageIISpec(Strict):
+    noise_aug_min: int = Field(0, ge=0, le=999, description="Lowest noise-augmentation level of the low-res input.")
+    noise_aug_max: int = Field(999, ge=0, le=999, description="Highest level (the stock pipeline samples at 250).")
+    low_size: int | None = Field(None, ge=4, description="Low-res size; default: stage I's resolution.")
+
+
+class TrainSpec(Strict):
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="bf16 on Ampere+ GPUs halves activation memory.")
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Train with the empty caption this often (classifier-free guidance).")
+    variance: Literal["vlb", "ignore"] = Field("vlb", description=(
+        "vlb trains IF's learned variance (Improved-DDPM hybrid loss) so the stock scheduler samples correctly."))
+    vlb_weight: float = Field(1.0, ge=0.0)
+    stage_II: StageIISpec = Field(default_factory=StageIISpec)
+    checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    gradient_checkpointing: bool = Field(False, description="True reduces activation memory at about 30% more compute.")
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu"] = Field("auto", description="auto: accelerate picks (GPU when present).")
+
+
+class Recipe(Strict):
+    name: str = Field(..., min_length=1)
+    seed: int = Field(0, ge=0)
+    output_dir: str = Field(..., description="Run directory. Example: runs/shapes-domain")
+    cache_dir: str | None = Field(None, description="Cache for prepared data and text embeddings (default ~/.cache/finetune).")
+    cascade: CascadeSpec = Field(default_factory=CascadeSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    phases: list[PhaseSpec] = Field(..., min_length=1)
+
+    def check(self) -> list[tuple[tuple, str]]:
+        """Cross-field rules: (key path, message) for each violation."""
+        problems: list[tuple[tuple, str]] = []
+        lrs = [(("optim", "lr"), self.optim.lr)] + [
+            (("phases", i, "lr"), p.lr) for i, p in enumerate(self.phases) if p.lr is not None]
+        for loc, lr in lrs:
+            if lr.end > lr.start:
+                problems.append((loc + ("end",), f"lr.end ({lr.end}) is above lr.start ({lr.start}); the schedule only decays"))
+        names = [p.name for p in self.phases]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append((("phases", i, "name"), f"phase name '{name}' is used twice"))
+        stages = self.cascade.stages
+        if len(set(stages)) != len(stages):
+            problems.append((("cascade", "stages"), "a stage is listed twice"))
+        if not self.cascade.path and not self.cascade.stage_paths:
+            problems.append((("cascade", "path"), "give cascade.path or cascade.stage_paths"))
+        for i, phase in enumerate(self.phases):
+            batch = phase.batch_size or self.optim.batch_size
+            if batch % self.optim.grad_accum:
+                problems.append((("phases", i, "batch_size") if phase.batch_size else ("optim", "batch_size"),
+                                 f"batch size {batch} is not divisible by optim.grad_accum ({self.optim.grad_accum})"))
+        sii = self.train.stage_II
+        if sii.noise_aug_min > sii.noise_aug_max:
+            problems.append((("train", "stage_II", "noise_aug_min"), "noise_aug_min is above noise_aug_max"))
+        return problems

@@ -1,0 +1,288 @@
+"""The training loop: setup, then for each phase and each stage one unit of LoRA training
+(resume, steps, checkpoints, adapter), then the final adapters.
+
+Reads top to bottom: `run_recipe` -> `Trainer.run_unit` -> `Trainer.step`.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import adapters, atomic
+from .batches import BatchOrder, derive_seed, local_slice
+from .cascade import Cascade, default_cache_dir
+from .checkpoint import load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
+from .errors import UserError
+from .lora import attach_lora, check_frozen_fraction, count_parameters, lora_parameters
+from .objective import StageObjective
+from .phase_data import PhaseData, load_phase_data
+from .rundir import RunDir
+from .schedule import set_lr, step_decay_lr
+from .text_cache import TextEmbeddingCache, tokenizer_settings
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _accelerator(recipe):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=recipe.train.device == "cpu", mixed_precision=recipe.train.mixed_precision)
+
+
+class Trainer:
+    def __init__(self, loaded, run: RunDir, accelerator, cascade: Cascade, cache_dir: Path):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.run = run
+        self.acc = accelerator
+        self.cascade = cascade
+        self.cache_dir = cache_dir
+        self.main = accelerator.is_main_process
+        self.phase_data: dict[str, PhaseData] = {}
+        self.text_cache: TextEmbeddingCache | None = None
+
+    def say(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    def progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.main, leave=False)
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        recipe = self.recipe
+        sizes = [self.cascade.resolution(s) for s in recipe.cascade.stages]
+        report = {}
+        for i, phase in enumerate(recipe.phases):
+            data = load_phase_data(phase.data, sizes, self.cache_dir, f"phases.{i}.data",
+                                   self.progress)
+            self.phase_data[phase.name] = data
+            report[phase.name] = data.report()
+            self.say(f"phase {phase.name}: {len(data.captions)} samples"
+                     + (f", {len(data.rejected)} skipped (see data_report.json)" if data.rejected else ""))
+        if self.main:
+            atomic.write_json(self.run / "data_report.json", report)
+        tokenizer = self.cascade.load_tokenizer()
+        self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),
+                                             tokenizer_settings(tokenizer))
+        captions = sorted({c for d in self.phase_data.values() for c in d.captions})
+        if self.main:
+            todo = len(self.text_cache.missing(captions))
+            bar = self.progress(todo, "encode captions")
+            self.text_cache.ensure(captions, lambda: (tokenizer, self.cascade.load_text_encoder()),
+                                   device=self.acc.device, progress=bar)
+            bar.close()
+            self.say(f"text embeddings: {todo} encoded, {len(captions) + 1 - todo} from cache")
+        self.acc.wait_for_everyone()
+        self.text_cache._index = None  # other processes re-read the shards the main one wrote
+
+    def objective(self, stage: str) -> StageObjective:
+        train = self.recipe.train
+        scheduler = self.cascade.load_scheduler(stage)
+        if not self.cascade.is_super_resolution(stage):
+            return StageObjective(scheduler, variance=train.variance, vlb_weight=train.vlb_weight)
+        low = train.stage_II.low_size
+        if low is None:
+            low = (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs
+                   else self.cascade.resolution(stage) // 4)
+        return StageObjective(scheduler, self.cascade.load_image_noising_scheduler(stage), low,
+                              train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
+                              train.variance, train.vlb_weight)
+
+    # ------------------------------------------------------------------ one unit
+    def schedule_offset(self, phase_index: int) -> int:
+        """Optimizer steps before this phase on the shared LR schedule."""
+        if self.recipe.optim.lr.restart_each_phase or self.recipe.phases[phase_index].lr:
+            return 0
+        return sum(p.steps for p in self.recipe.phases[:phase_index]
+                   if p.lr is None)
+
+    def build_unet(self, stage: str, init_adapter: Path | None):
+        recipe = self.recipe
+        unet = self.cascade.load_unet(stage)
+        torch.manual_seed(derive_seed(recipe.seed, "lora-init", stage))
+        attach_lora(unet, recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout,
+                    recipe.lora.target_modules)
+        check_frozen_fraction(count_parameters(unet), recipe.lora.min_frozen_fraction, stage)
+        if init_adapter is not None:
+            tensors, _, _ = adapters.read_adapter(init_adapter)
+            adapters.load_adapter_weights(unet, tensors)
+        if recipe.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet
+
+    def run_unit(self, phase_index: int, stage: str, init_adapter: Path | None) -> Path:
+        recipe, phase = self.recipe, self.recipe.phases[phase_index]
+        unit = unit_name(phase.name, stage)
+        out_dir = self.run / "phases" / phase.name / f"stage_{stage}"
+        data = self.phase_data[phase.name]
+        pixels = data.pixels[self.cascade.resolution(stage)]
+        batch = phase.batch_size or recipe.optim.batch_size
+        world = self.acc.num_processes
+        if batch % (world * recipe.optim.grad_accum):
+            raise UserError(f"phases.{phase_index}: batch size {batch} must be divisible by "
+                            f"processes x grad_accum ({world} x {recipe.optim.grad_accum})")
+        lr_spec = phase.lr or recipe.optim.lr
+        unet = self.build_unet(stage, init_adapter)
+        params = lora_parameters(unet)
+        optimizer = torch.optim.AdamW(params, lr=lr_spec.start, betas=recipe.optim.betas,
+                                      eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
+        start = 0
+        ckpt = load_latest(self.run / "checkpoints", unit, warn=self.say)
+        if ckpt is not None:
+            adapters.load_adapter_weights(unet, {k: v for k, v in ckpt.tensors.items()
+                                                 if k.startswith(adapters.UNET_PREFIX)})
+            optimizer_from_tensors(optimizer, ckpt.tensors, ckpt.meta["optimizer"])
+            start = ckpt.step
+            self.say(f"{unit}: resuming from {ckpt.path.name}")
+        if self.main:
+            self.run.truncate_metrics(unit, start)
+        unet.train()
+        model, optimizer = self.acc.prepare(unet, optimizer)
+        objective = self.objective(stage)
+        order = BatchOrder(len(data.captions), batch, recipe.seed, unit)
+        offset = self.schedule_offset(phase_index)
+        bar = tqdm(range(start, phase.steps), initial=start, total=phase.steps,
+                   desc=f"{phase.name} stage {stage}", disable=not self.main)
+        for step in bar:
+            lr = step_decay_lr(offset + step, lr_spec.start, lr_spec.end, lr_spec.decay_every,
+                               lr_spec.decay_factor, lr_spec.warmup_steps)
+            set_lr(optimizer, lr)
+            metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
+                                phase.data.flip)
+            metrics.update(unit=unit, phase=phase.name, stage=stage, step=step + 1, lr=lr)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
+            if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == phase.steps):
+                self.run.log_metrics(metrics)
+            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == phase.steps:
+                self.checkpoint(model, optimizer, unit, step + 1)
+        bar.close()
+        if self.main:
+            provenance = self.provenance(phase.name, stage, data)
+            adapters.save_adapter(self.acc.unwrap_model(model), out_dir, provenance)
+            self.run.mark_completed(unit)
+        self.acc.wait_for_everyone()
+        self.acc.free_memory()
+        return out_dir
+
+    def step(self, model, optimizer, objective, order: BatchOrder, pixels, captions, step,
+             use_flip: bool = False):
+        """One optimizer step over the global batch (this process's share, in micro-batches)."""
+        from data_tools.prepare import to_model_range
+
+        recipe = self.recipe
+        gen = order.generator(step)
+        torch.manual_seed(derive_seed(recipe.seed, order.unit, "dropout", step))
+        idx = order.indices(step)
+        size = pixels.shape[-1]
+        draws = objective.draw((len(idx), 3, size, size), gen)
+        drop = torch.rand(len(idx), generator=gen) < recipe.train.caption_dropout
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        mine = local_slice(len(idx), self.acc.process_index, self.acc.num_processes)
+        accum = recipe.optim.grad_accum
+        local = range(mine.start, mine.stop)
+        micro = len(local) // accum
+        totals: dict[str, float] = {}
+        for m in range(accum):
+            part = list(local[m * micro:(m + 1) * micro])
+            images = to_model_range(pixels[idx[part]]).to(self.acc.device)
+            if use_flip:
+                images = torch.where(flip[part].view(-1, 1, 1, 1).to(images.device),
+                                     images.flip(-1), images)
+            texts = ["" if drop[i] else captions[idx[i]] for i in part]
+            embeds = self.text_cache.get(texts).to(self.acc.device)
+            sub = {k: v[part] for k, v in draws.items()}
+            sync = m == accum - 1
+            context = self.acc.no_sync(model) if not sync and self.acc.num_processes > 1 else _null()
+            with context, self.acc.autocast():
+                loss, metrics = objective.loss(model, images, embeds, sub)
+                loss = loss.mean() / accum
+                self.acc.backward(loss)
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v.item() / accum
+        grad_norm = None
+        if recipe.optim.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], recipe.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    def checkpoint(self, model, optimizer, unit: str, step: int) -> None:
+        if self.main:
+            tensors = adapters.adapter_state_dict(self.acc.unwrap_model(model))
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            tensors.update(opt_tensors)
+            save_checkpoint(self.run / "checkpoints", unit, step, tensors,
+                            {"optimizer": opt_meta, "recipe_hash": self.loaded.hash},
+                            self.recipe.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def provenance(self, phase: str, stage: str, data: PhaseData) -> dict:
+        from .rundir import library_versions
+
+        recipe = self.recipe
+        return {"stage": stage, "phase": phase, "rank": recipe.lora.rank, "alpha": recipe.lora.alpha,
+                "target_modules": recipe.lora.target_modules, "recipe": recipe.name,
+                "recipe_hash": self.loaded.hash, "base_cascade": recipe.cascade.model_dump(),
+                "data": data.source, "data_samples": len(data.captions),
+                "kit_version": library_versions().get("cascade-adaptation-kit")}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSummary:
+    recipe = loaded.recipe
+    started = time.time()
+    acc = _accelerator(recipe)
+    run = RunDir(recipe.output_dir)
+    if acc.is_main_process:
+        run.prepare(loaded, resume=resume, overwrite=overwrite)
+    acc.wait_for_everyone()
+    cache_dir = Path(recipe.cache_dir).expanduser() if recipe.cache_dir else default_cache_dir()
+    cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
+                                recipe.cascade.revision, cache_dir)
+    trainer = Trainer(loaded, run, acc, cascade, cache_dir)
+    trainer.prepare_data()
+    done = run.completed_units()
+    latest: dict[str, Path] = {}
+    for phase_index, phase in enumerate(recipe.phases):
+        for stage in recipe.cascade.stages:
+            unit = unit_name(phase.name, stage)
+            out_dir = run / "phases" / phase.name / f"stage_{stage}"
+            if unit in done and (out_dir / adapters.WEIGHT_NAME).exists():
+                trainer.say(f"{unit}: finished earlier, not re-run")
+            else:
+                out_dir = trainer.run_unit(phase_index, stage, latest.get(stage))
+            latest[stage] = out_dir
+    summary = RunSummary(run.path)
+    if acc.is_main_process:
+        for stage, src in latest.items():
+            target = run / "adapters" / f"stage_{stage}"
+            with atomic.atomic_path(target / adapters.WEIGHT_NAME) as tmp:
+                shutil.copyfile(src / adapters.WEIGHT_NAME, tmp)
+            summary.adapters[stage] = target
+        summary.seconds = time.time() - started
+        atomic.write_json(run / "finished.json", {"seconds": round(summary.seconds, 1),
+                                                  "adapters": {k: str(v) for k, v in summary.adapters.items()}})
+    acc.wait_for_everyone()
+    return summary
