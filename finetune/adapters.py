@@ -42,7 +42,8 @@ def save_adapter(unet, out_dir: str | Path, provenance: dict,
     """Write the adapter file atomically; `state` overrides the UNet's weights (EMA)."""
     state = adapter_state_dict(unet) if state is None else state
     config = unet.peft_config[ADAPTER_NAME].to_dict()
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    # diffusers stores each component's LoraConfig under its prefix ("unet.r", ...).
+    config = {UNET_PREFIX + k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True, default=str),
@@ -62,8 +63,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]
     with safe_open(path, "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         meta = handle.metadata() or {}
-    return (tensors, json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}")),
-            json.loads(meta.get(KIT_METADATA_KEY, "{}")))
+    config = {k[len(UNET_PREFIX):]: v for k, v in
+              json.loads(meta.get(DIFFUSERS_METADATA_KEY, "{}")).items() if k.startswith(UNET_PREFIX)}
+    return tensors, config, json.loads(meta.get(KIT_METADATA_KEY, "{}"))
 
 
 def load_adapter_weights(unet, tensors: dict[str, torch.Tensor]) -> None:
