@@ -89,8 +89,8 @@ class RunDir:
             atomic.write_json(self.path / "progress.json", {"completed": done + [unit]})
 
     # -- metrics ---------------------------------------------------------------------------
-    def truncate_metrics(self, unit: str, from_step: int) -> None:
-        """Drop entries of `unit` at or after `from_step` (they are re-run after a resume)."""
+    def truncate_metrics(self, unit: str, done_steps: int) -> None:
+        """Drop entries of `unit` beyond `done_steps` (those steps are re-run after a resume)."""
         file = self.path / "metrics.jsonl"
         if not file.exists():
             return
@@ -100,7 +100,7 @@ class RunDir:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            if entry.get("unit") == unit and entry.get("step", -1) >= from_step:
+            if entry.get("unit") == unit and entry.get("step", 0) > done_steps:
                 continue
             kept.append(line)
         atomic.write_text(file, "".join(k + "\n" for k in kept))

@@ -1,0 +1,138 @@
+"""End to end: a recipe trains, logs, checkpoints, resumes exactly (also after SIGKILL), and
+refuses what would lose work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.recipe import load_recipe
+from finetune.train import run_recipe
+
+ADAPTER = "pytorch_lora_weights.safetensors"
+
+
+def _adapter(run: Path, stage="I") -> dict:
+    return load_file(str(run / "adapters" / f"stage_{stage}" / ADAPTER))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_phase_run_writes_everything(recipe_factory, tmp_path):
+    path = recipe_factory(steps=3, general_steps=2)
+    summary = run_recipe(load_recipe(path))
+    run = summary.run_dir
+    for name in ("resolved_recipe.yaml", "recipe.sha256", "versions.json", "metrics.jsonl",
+                 "data_report.json", "finished.json"):
+        assert (run / name).exists(), name
+    assert (run / "recipe.sha256").read_text().strip() == load_recipe(path).hash
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["phase"], m["step"]) for m in metrics] == [
+        ("general", 1), ("general", 2), ("domain", 1), ("domain", 2), ("domain", 3)]
+    assert all(m["lr"] == 1e-4 and m["loss"] > 0 for m in metrics)
+    general = load_file(str(run / "phases" / "general" / "stage_I" / ADAPTER))
+    final = _adapter(run)
+    assert _same(final, load_file(str(run / "phases" / "domain" / "stage_I" / ADAPTER)))
+    assert not _same(final, general)  # the domain phase trained on top of the general one
+    assert any(v.abs().sum() > 0 for k, v in general.items() if "lora_B" in k)
+
+
+def test_lr_schedule_runs_across_phases(recipe_factory):
+    path = recipe_factory(steps=2, general_steps=2,
+                          extra="")
+    loaded = load_recipe(path, ["optim.lr.decay_every=3", "optim.lr.end=1.0e-6"])
+    run = run_recipe(loaded).run_dir
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5])  # global steps 0,1,2 | 3
+
+
+def test_plan_reports_frozen_fraction(recipe_factory, capsys):
+    path = recipe_factory()
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("I "))
+    assert row.split()[-1].endswith("%") and float(row.split()[-1][:-1]) > 90
+
+
+def test_refuses_when_too_little_is_frozen(recipe_factory, capsys):
+    path = recipe_factory()
+    code = main(["run", str(path), "--set", "lora.rank=512"])
+    assert code == 2
+    assert "below lora.min_frozen_fraction" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_overwritten_silently(recipe_factory, capsys):
+    path = recipe_factory(steps=1)
+    assert main(["run", str(path)]) == 0
+    before = _adapter(load_recipe(path).recipe.output_dir and Path(load_recipe(path).recipe.output_dir))
+    assert main(["run", str(path)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert main(["run", str(path), "--resume", "--set", "seed=5"]) == 2
+    assert "recipe changed" in capsys.readouterr().err
+    assert _same(before, _adapter(Path(load_recipe(path).recipe.output_dir)))
+
+
+def test_resume_after_sigkill_gives_the_same_adapter(recipe_factory, tmp_path):
+    reference = recipe_factory(steps=6, general_steps=2, out="ref", name="ref.yaml")
+    run_recipe(load_recipe(reference))
+    killed = recipe_factory(steps=6, general_steps=2, out="killed", name="killed.yaml")
+    out = Path(load_recipe(killed).recipe.output_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    target = out / "checkpoints"
+    # Kill inside the domain phase, after its first checkpoint (step 2 of 6).
+    while time.time() < deadline and not any(target.glob("domain-stage_I-step_000002")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "finished.json").exists(), "the run was killed before finishing"
+    assert main(["run", str(killed), "--resume"]) == 0
+    assert _same(_adapter(Path(load_recipe(reference).recipe.output_dir)), _adapter(out))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [(m["phase"], m["step"]) for m in metrics]
+    assert len(steps) == len(set(steps)) == 8  # no duplicate lines after the resume
+
+
+def test_corrupted_latest_checkpoint_falls_back(recipe_factory, capsys):
+    from finetune.checkpoint import load_latest
+
+    path = recipe_factory(steps=4, general_steps=1)
+    loaded = load_recipe(path, ["train.keep_checkpoints=3"])
+    run = run_recipe(loaded).run_dir
+    ckpts = run / "checkpoints"
+    latest = ckpts / "domain-stage_I-step_000004" / "state.safetensors"
+    latest.write_bytes(latest.read_bytes()[:-10] + b"0123456789")
+    messages = []
+    found = load_latest(ckpts, "domain-stage_I", warn=messages.append)
+    assert found.step == 2
+    assert "corrupted" in messages[0]
+
+
+def test_two_stages_train_and_stage_ii_adapter_loads(recipe_factory):
+    from diffusers import IFSuperResolutionPipeline
+
+    from finetune.cascade import Cascade
+
+    path = recipe_factory(stages="[I, II]", steps=2, general_steps=1)
+    loaded = load_recipe(path)
+    run = run_recipe(loaded).run_dir
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(m["phase"], m["stage"]) for m in metrics} == {
+        ("general", "I"), ("general", "II"), ("domain", "I"), ("domain", "II")}
+    assert all("loss_vlb" in m for m in metrics)
+    cascade_dir = Cascade.from_spec(loaded.recipe.cascade.path).stage_dirs["II"]
+    pipe = IFSuperResolutionPipeline.from_pretrained(cascade_dir)
+    pipe.load_lora_weights(run / "adapters" / "stage_II")
+    assert sum(1 for n, _ in pipe.unet.named_parameters() if "lora_" in n) == len(_adapter(run, "II"))
