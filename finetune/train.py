@@ -217,6 +217,12 @@ class Trainer:
                 [p for p in model.parameters() if p.requires_grad], recipe.optim.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.acc.num_processes > 1:
+            # Log the global batch's loss, not the main process's share.
+            names = sorted(totals)
+            stacked = self.acc.reduce(torch.tensor([totals[n] for n in names], device=self.acc.device),
+                                      reduction="mean")
+            totals = dict(zip(names, stacked.tolist()))
         if grad_norm is not None:
             totals["grad_norm"] = float(grad_norm)
         return totals
