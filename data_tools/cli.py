@@ -2,6 +2,7 @@
 
     finetune-data inspect PATH [--json]            what a run would train on, and what it would skip
     finetune-data synth OUT --split general -n 256 write a synthetic benchmark split
+    finetune-data judge FOLDER [--json]            judge accuracy of images against their truth
 """
 from __future__ import annotations
 
@@ -39,6 +40,29 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .judge import accuracy
+
+    folder = Path(args.folder)
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise UserError(f"{folder}: no metadata.jsonl with ground truth ('truth' per row, as synth writes)")
+    rows = [_json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "truth" in r]
+    if not rows:
+        raise UserError(f"{meta}: no row carries a 'truth' object to judge against")
+    images = [Image.open(folder / r["file_name"]).convert("RGB") for r in rows]
+    scores = accuracy(images, [r["truth"] for r in rows])
+    print(_json.dumps(scores, indent=2) if args.json else
+          "  ".join(f"{k} {v:.1%}" for k, v in scores.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-data")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("-n", type=int, default=256)
     syn.add_argument("--size", type=int, default=64)
     syn.add_argument("--seed", type=int, default=0)
+    jud = sub.add_parser("judge", help="score images against their ground truth (metadata.jsonl)")
+    jud.add_argument("folder")
+    jud.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return {"inspect": cmd_inspect, "synth": cmd_synth}[args.command](args)
+        return {"inspect": cmd_inspect, "synth": cmd_synth, "judge": cmd_judge}[args.command](args)
     except UserError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)

@@ -45,3 +45,15 @@ def test_blank_image_fails_every_attribute():
     blank = Image.new("RGB", (64, 64), (235, 235, 235))
     verdict = judge(blank, {"shape": "circle", "colour": "red", "count": 1, "position": "center"})
     assert not any(verdict.values())
+
+
+def test_synth_and_judge_commands(tmp_path, capsys):
+    import json
+
+    from data_tools.cli import main
+
+    assert main(["synth", str(tmp_path / "d"), "--split", "domain", "-n", "40"]) == 0
+    assert main(["judge", str(tmp_path / "d"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert scores["overall"] > 0.95
+    assert main(["judge", str(tmp_path)]) == 2
