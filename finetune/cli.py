@@ -43,7 +43,6 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from .plan import make_plan
-
     from .recipe import load_recipe
 
     print(make_plan(load_recipe(args.recipe, args.overrides)))

@@ -2,6 +2,8 @@
 (total, trainable, frozen) with LoRA attached, data counts and steps per phase."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .cascade import Cascade, default_cache_dir
 from .lora import attach_lora, count_parameters
 
@@ -18,7 +20,7 @@ def make_plan(loaded) -> str:
     from .phase_data import resolve_data_path
 
     recipe = loaded.recipe
-    cache_dir = default_cache_dir() if recipe.cache_dir is None else __import__("pathlib").Path(recipe.cache_dir)
+    cache_dir = default_cache_dir() if recipe.cache_dir is None else Path(recipe.cache_dir).expanduser()
     cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
                                 recipe.cascade.revision, cache_dir)
     lines = [f"recipe {recipe.name} (sha256 {loaded.hash[:12]}) -> {recipe.output_dir}",

@@ -69,6 +69,11 @@ class TextEmbeddingCache:
                         self._index[name] = shard
         return self._index
 
+    def reload(self) -> None:
+        """Forget the shard index (another process may have written shards)."""
+        self._index = None
+        self._handles.clear()
+
     def missing(self, captions: list[str]) -> list[str]:
         index = self._load_index()
         seen, out = set(), []

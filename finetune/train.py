@@ -84,7 +84,7 @@ class Trainer:
             bar.close()
             self.say(f"text embeddings: {todo} encoded, {len(captions) + 1 - todo} from cache")
         self.acc.wait_for_everyone()
-        self.text_cache._index = None  # other processes re-read the shards the main one wrote
+        self.text_cache.reload()  # other processes re-read the shards the main one wrote
 
     def objective(self, stage: str) -> StageObjective:
         train = self.recipe.train

@@ -48,8 +48,7 @@ def test_two_phase_run_writes_everything(recipe_factory, tmp_path):
 
 
 def test_lr_schedule_runs_across_phases(recipe_factory):
-    path = recipe_factory(steps=2, general_steps=2,
-                          extra="")
+    path = recipe_factory(steps=2, general_steps=2)
     loaded = load_recipe(path, ["optim.lr.decay_every=3", "optim.lr.end=1.0e-6"])
     run = run_recipe(loaded).run_dir
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -74,12 +73,13 @@ def test_refuses_when_too_little_is_frozen(recipe_factory, capsys):
 def test_existing_run_is_never_overwritten_silently(recipe_factory, capsys):
     path = recipe_factory(steps=1)
     assert main(["run", str(path)]) == 0
-    before = _adapter(load_recipe(path).recipe.output_dir and Path(load_recipe(path).recipe.output_dir))
+    out = Path(load_recipe(path).recipe.output_dir)
+    before = _adapter(out)
     assert main(["run", str(path)]) == 2
     assert "holds a finished run" in capsys.readouterr().err
     assert main(["run", str(path), "--resume", "--set", "seed=5"]) == 2
     assert "recipe changed" in capsys.readouterr().err
-    assert _same(before, _adapter(Path(load_recipe(path).recipe.output_dir)))
+    assert _same(before, _adapter(out))
 
 
 def test_resume_after_sigkill_gives_the_same_adapter(recipe_factory, tmp_path):
