@@ -112,6 +112,17 @@ def random_scene(rng: np.random.Generator, shapes: list[str], colours: list[str]
     return Scene(shape, colour, int(rng.integers(2, 4)), None)
 
 
+def prompt_set(split: str, n: int, seed: int = 0) -> list[Scene]:
+    """Held-out prompts of a split with their ground truth (no images): what a generated
+    image is judged against. Drawn from their own random stream, so a prompt set with the
+    same seed as a training split does not repeat its scenes in order."""
+    if split not in SPLITS:
+        raise UserError(f"synth: unknown split '{split}' (known: {', '.join(SPLITS)})")
+    rng = np.random.default_rng([seed, sorted(SPLITS).index(split), 1])
+    spec = SPLITS[split]
+    return [random_scene(rng, spec["shapes"], spec["colours"]) for _ in range(n)]
+
+
 def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: int = 0) -> Path:
     """Write `n` images of a split as an imagefolder (metadata.jsonl with ground truth)."""
     if split not in SPLITS:

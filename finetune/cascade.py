@@ -8,8 +8,7 @@ needs is in memory):
 
 A stage may instead be given on its own (`cascade.stage_paths`) as a local folder or a hub id
 (`DeepFloyd/IF-I-XL-v1.0`) that must already be in the local hub cache: nothing is ever
-downloaded at run time. `builtin:tiny-random` is a tiny random cascade built locally by
-`build_tiny` (for tests and smoke runs).
+downloaded at run time. `builtin:` names are the kit's own tiny cascades (see BUILTIN_NAMES).
 """
 from __future__ import annotations
 
@@ -25,7 +24,13 @@ from .errors import UserError
 STAGES = ("I", "II", "III")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_NAMES = ("tiny-random",)
+# builtin:tiny       the shipped pretrained tiny cascade (finetune/builtin/tiny, made by
+#                    recipes/pretrain-tiny.yaml; see its README.md for how and how good)
+# builtin:tiny-init  the same shape with random weights: where that pretraining starts
+# builtin:tiny-random the smallest IF-layout cascade, random: tests and smoke runs
+SHIPPED_DIR = Path(__file__).parent / "builtin"
+BUILTIN_BUILDS = {"tiny-random": "test", "tiny-init": "base"}
+BUILTIN_NAMES = ("tiny", *BUILTIN_BUILDS)
 
 
 def default_cache_dir() -> Path:
@@ -35,14 +40,32 @@ def default_cache_dir() -> Path:
 
 # ----------------------------------------------------------------------------- tiny builder
 
-def tiny_stage_configs(text_dim: int = 32, stage_i_size: int = 32, stage_ii_size: int = 64):
-    """UNet configs of the tiny cascade: the block types and options of DeepFloyd IF."""
+# Two shapes: "test" is as small as diffusers allows (fast tests); "base" is the shape of the
+# shipped pretrained `builtin:tiny` (32px stage I, x2 stage II): narrow at full resolution,
+# attention only on the coarse grids, where it is cheap on a CPU and sees the whole image.
+TINY_SHAPES = {
+    "test": {"I": dict(block_out_channels=[32, 64], attention=[False, True], norm_num_groups=32),
+             "II": dict(block_out_channels=[32, 64], attention=[False, True], norm_num_groups=32)},
+    "base": {"I": dict(block_out_channels=[16, 32, 64, 96], attention=[False, False, True, True],
+                       norm_num_groups=8),
+             "II": dict(block_out_channels=[16, 32, 64], attention=[False, False, True],
+                        norm_num_groups=8)},
+}
+
+
+def tiny_stage_configs(text_dim: int = 32, stage_i_size: int = 32, stage_ii_size: int = 64,
+                       shape: str = "test"):
+    """UNet configs of a tiny cascade: the block types and options of DeepFloyd IF."""
+    def blocks(stage: str) -> dict:
+        spec = dict(TINY_SHAPES[shape][stage])
+        attention = spec.pop("attention")
+        down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention]
+        up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention)]
+        return dict(spec, down_block_types=down, up_block_types=up)
+
     common = dict(
         layers_per_block=1,
-        block_out_channels=[32, 64],
-        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
         out_channels=6,  # epsilon and learned variance, as IF
         cross_attention_dim=64,
         encoder_hid_dim=text_dim,
@@ -54,9 +77,10 @@ def tiny_stage_configs(text_dim: int = 32, stage_i_size: int = 32, stage_ii_size
         resnet_time_scale_shift="scale_shift",
         act_fn="gelu",
     )
-    stage_i = dict(common, sample_size=stage_i_size, in_channels=3)
+    stage_i = dict(common, **blocks("I"), sample_size=stage_i_size, in_channels=3)
     stage_ii = dict(
         common,
+        **blocks("II"),
         sample_size=stage_ii_size,
         in_channels=6,  # noisy target + upscaled low-resolution image
         class_embed_type="timestep",  # the noise-augmentation level of the low-res image
@@ -82,7 +106,7 @@ def if_scheduler():
 
 
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, stage_i_size: int = 32,
-               stage_ii_size: int = 64, text_dim: int = 32) -> Path:
+               stage_ii_size: int = 64, text_dim: int = 32, shape: str = "test") -> Path:
     """Build a tiny random IF-layout cascade with diffusers/transformers classes and save it.
 
     The result loads with stock `IFPipeline.from_pretrained(out_dir/"stage_I")` and
@@ -102,7 +126,7 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, stage_i_size: int = 32
         vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )).eval()
-    configs = tiny_stage_configs(text_dim, stage_i_size, stage_ii_size)
+    configs = tiny_stage_configs(text_dim, stage_i_size, stage_ii_size, shape)
     unet_i = UNet2DConditionModel(**configs["I"])
     unet_ii = UNet2DConditionModel(**configs["II"])
     no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None,
@@ -146,9 +170,15 @@ def resolve_location(location: str, what: str, revision: str | None = None,
         name = location[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_NAMES:
             raise UserError(f"{what}: unknown builtin cascade '{name}'; known: {', '.join(BUILTIN_NAMES)}")
+        if name not in BUILTIN_BUILDS:
+            shipped = SHIPPED_DIR / name
+            if not (shipped / "stage_I").is_dir():
+                raise UserError(f"{what}: the shipped cascade '{name}' is missing from {shipped};"
+                                " reinstall the package (pip install -e .)")
+            return shipped
         target = (cache_dir or default_cache_dir()) / "builtin" / name
         if not (target / "stage_I").is_dir():
-            build_tiny(target)
+            build_tiny(target, shape=BUILTIN_BUILDS[name])
         return target
     path = Path(location).expanduser()
     if path.exists():

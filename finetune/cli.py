@@ -58,7 +58,12 @@ def cmd_run(args) -> int:
     if summary.adapters:
         print(f"finished in {summary.seconds:.0f}s; run directory: {summary.run_dir}")
         for stage, path in summary.adapters.items():
-            print(f"  stage {stage} adapter: {path}  (IFPipeline.load_lora_weights('{path}'))")
+            if path.parent.name == "adapters":
+                print(f"  stage {stage} adapter: {path}  (pipe.load_lora_weights('{path}'))")
+            else:
+                print(f"  stage {stage} pipeline: {path}  (from_pretrained('{path}'))")
+        if summary.report:
+            print(f"  report: {summary.report} (and report.html)")
     return 0
 
 

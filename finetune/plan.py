@@ -8,9 +8,11 @@ from .cascade import Cascade, default_cache_dir
 from .lora import attach_lora, count_parameters
 
 
-def stage_parameter_counts(cascade: Cascade, stage: str, lora):
+def stage_parameter_counts(cascade: Cascade, stage: str, recipe):
     unet = cascade.load_unet(stage)
-    attach_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    if recipe.method == "lora":
+        lora = recipe.lora
+        attach_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
     return count_parameters(unet)
 
 
@@ -26,15 +28,19 @@ def make_plan(loaded) -> str:
     lines = [f"recipe {recipe.name} (sha256 {loaded.hash[:12]}) -> {recipe.output_dir}",
              f"{'stage':<6}{'res':>5}{'total':>14}{'trainable':>12}{'frozen':>14}{'frozen %':>10}"]
     for stage in recipe.cascade.stages:
-        counts = stage_parameter_counts(cascade, stage, recipe.lora)
+        counts = stage_parameter_counts(cascade, stage, recipe)
         lines.append(f"{stage:<6}{cascade.resolution(stage):>5}{counts.total:>14,}{counts.trainable:>12,}"
                      f"{counts.frozen:>14,}{counts.frozen_fraction:>10.2%}")
-    lines.append(f"lora rank {recipe.lora.rank}, alpha {recipe.lora.alpha}, minimum frozen "
-                 f"{recipe.lora.min_frozen_fraction:.0%}")
+    if recipe.method == "lora":
+        lines.append(f"lora rank {recipe.lora.rank}, alpha {recipe.lora.alpha}, minimum frozen "
+                     f"{recipe.lora.min_frozen_fraction:.0%}")
+    else:
+        lines.append("method full: every UNet weight trains")
     for phase in recipe.phases:
         found = ingest(resolve_data_path(phase.data, cache_dir), phase.data.format,
                        phase.data.caption_column, phase.data.image_column)
-        batch = phase.batch_size or recipe.optim.batch_size
+        work = ", ".join(f"stage {s} {phase.steps_for(s)} steps x batch "
+                         f"{phase.batch_for(s, recipe.optim.batch_size)}" for s in recipe.cascade.stages)
         lines.append(f"phase {phase.name}: {len(found.records)} samples listed "
-                     f"({len(found.rejected)} rejected before decoding), {phase.steps} steps x batch {batch}")
+                     f"({len(found.rejected)} rejected before decoding); {work}")
     return "\n".join(lines)

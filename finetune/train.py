@@ -5,7 +5,6 @@ Reads top to bottom: `run_recipe` -> `Trainer.run_unit` -> `Trainer.step`.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapters, atomic
+from . import atomic
 from .batches import BatchOrder, derive_seed, local_slice
 from .cascade import Cascade, default_cache_dir
 from .checkpoint import load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
+from .ema import EMA
 from .errors import UserError
-from .lora import attach_lora, check_frozen_fraction, count_parameters, lora_parameters
+from .methods import make_method
 from .objective import StageObjective
 from .phase_data import PhaseData, load_phase_data
 from .rundir import RunDir
@@ -31,6 +31,8 @@ class RunSummary:
     run_dir: Path
     adapters: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    report: Path | None = None
+    evaluation: dict | None = None
 
 
 def _accelerator(recipe):
@@ -50,6 +52,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.phase_data: dict[str, PhaseData] = {}
         self.text_cache: TextEmbeddingCache | None = None
+        self.method = make_method(self.recipe)
 
     def say(self, message: str) -> None:
         if self.main:
@@ -100,48 +103,50 @@ class Trainer:
                               train.variance, train.vlb_weight)
 
     # ------------------------------------------------------------------ one unit
-    def schedule_offset(self, phase_index: int) -> int:
-        """Optimizer steps before this phase on the shared LR schedule."""
+    def schedule_offset(self, phase_index: int, stage: str) -> int:
+        """Optimizer steps of this stage before this phase on the shared LR schedule."""
         if self.recipe.optim.lr.restart_each_phase or self.recipe.phases[phase_index].lr:
             return 0
-        return sum(p.steps for p in self.recipe.phases[:phase_index]
+        return sum(p.steps_for(stage) for p in self.recipe.phases[:phase_index]
                    if p.lr is None)
 
-    def build_unet(self, stage: str, init_adapter: Path | None):
+    def build_unet(self, stage: str, init_from: Path | None):
+        """The stage's UNet ready to train: the method applied, started from the previous
+        phase's result when there is one."""
         recipe = self.recipe
         unet = self.cascade.load_unet(stage)
         torch.manual_seed(derive_seed(recipe.seed, "lora-init", stage))
-        attach_lora(unet, recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout,
-                    recipe.lora.target_modules)
-        check_frozen_fraction(count_parameters(unet), recipe.lora.min_frozen_fraction, stage)
-        if init_adapter is not None:
-            tensors, _, _ = adapters.read_adapter(init_adapter)
-            adapters.load_adapter_weights(unet, tensors)
+        self.method.prepare(unet, stage)
+        if init_from is not None:
+            self.method.load_exported(unet, init_from)
         if recipe.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         return unet
 
-    def run_unit(self, phase_index: int, stage: str, init_adapter: Path | None) -> Path:
+    def run_unit(self, phase_index: int, stage: str, init_from: Path | None) -> Path:
         recipe, phase = self.recipe, self.recipe.phases[phase_index]
         unit = unit_name(phase.name, stage)
         out_dir = self.run / "phases" / phase.name / f"stage_{stage}"
         data = self.phase_data[phase.name]
         pixels = data.pixels[self.cascade.resolution(stage)]
-        batch = phase.batch_size or recipe.optim.batch_size
+        batch = phase.batch_for(stage, recipe.optim.batch_size)
+        steps = phase.steps_for(stage)
         world = self.acc.num_processes
         if batch % (world * recipe.optim.grad_accum):
             raise UserError(f"phases.{phase_index}: batch size {batch} must be divisible by "
                             f"processes x grad_accum ({world} x {recipe.optim.grad_accum})")
         lr_spec = phase.lr or recipe.optim.lr
-        unet = self.build_unet(stage, init_adapter)
-        params = lora_parameters(unet)
+        unet = self.build_unet(stage, init_from)
+        params = self.method.trainable(unet)
+        ema = EMA(params, recipe.train.ema.decay) if recipe.train.ema.decay > 0 else None
         optimizer = torch.optim.AdamW(params, lr=lr_spec.start, betas=recipe.optim.betas,
                                       eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
         start = 0
         ckpt = load_latest(self.run / "checkpoints", unit, warn=self.say)
         if ckpt is not None:
-            adapters.load_adapter_weights(unet, {k: v for k, v in ckpt.tensors.items()
-                                                 if k.startswith(adapters.UNET_PREFIX)})
+            self.method.load_state(unet, ckpt.tensors)
+            if ema is not None:
+                ema.load(ckpt.tensors)
             optimizer_from_tensors(optimizer, ckpt.tensors, ckpt.meta["optimizer"])
             start = ckpt.step
             self.say(f"{unit}: resuming from {ckpt.path.name}")
@@ -151,8 +156,8 @@ class Trainer:
         model, optimizer = self.acc.prepare(unet, optimizer)
         objective = self.objective(stage)
         order = BatchOrder(len(data.captions), batch, recipe.seed, unit)
-        offset = self.schedule_offset(phase_index)
-        bar = tqdm(range(start, phase.steps), initial=start, total=phase.steps,
+        offset = self.schedule_offset(phase_index, stage)
+        bar = tqdm(range(start, steps), initial=start, total=steps,
                    desc=f"{phase.name} stage {stage}", disable=not self.main)
         for step in bar:
             lr = step_decay_lr(offset + step, lr_spec.start, lr_spec.end, lr_spec.decay_every,
@@ -160,16 +165,17 @@ class Trainer:
             set_lr(optimizer, lr)
             metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
                                 phase.data.flip)
+            if ema is not None:
+                ema.update()
             metrics.update(unit=unit, phase=phase.name, stage=stage, step=step + 1, lr=lr)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
-            if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == phase.steps):
+            if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
                 self.run.log_metrics(metrics)
-            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == phase.steps:
-                self.checkpoint(model, optimizer, unit, step + 1)
+            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps:
+                self.checkpoint(model, optimizer, unit, step + 1, ema)
         bar.close()
         if self.main:
-            provenance = self.provenance(phase.name, stage, data)
-            adapters.save_adapter(self.acc.unwrap_model(model), out_dir, provenance)
+            self.export(self.acc.unwrap_model(model), out_dir, self.provenance(phase.name, stage, data), ema)
             self.run.mark_completed(unit)
         self.acc.wait_for_everyone()
         self.acc.free_memory()
@@ -227,9 +233,24 @@ class Trainer:
             totals["grad_norm"] = float(grad_norm)
         return totals
 
-    def checkpoint(self, model, optimizer, unit: str, step: int) -> None:
+    def export(self, unet, out_dir: Path, provenance: dict, ema: EMA | None) -> None:
+        """The unit's result; with EMA, the weights not chosen by train.ema.export go beside
+        it (ema/ or raw/), both loadable the same way."""
+        if ema is None:
+            self.method.export(unet, out_dir, provenance)
+            return
+        use_ema = self.recipe.train.ema.export == "ema"
+        beside = out_dir / ("raw" if use_ema else "ema")
+        self.method.export(unet, beside if use_ema else out_dir, dict(provenance, weights="raw"))
+        with ema.swapped():
+            self.method.export(unet, out_dir if use_ema else beside,
+                               dict(provenance, weights="ema", ema_decay=ema.decay))
+
+    def checkpoint(self, model, optimizer, unit: str, step: int, ema: EMA | None = None) -> None:
         if self.main:
-            tensors = adapters.adapter_state_dict(self.acc.unwrap_model(model))
+            tensors = self.method.state(self.acc.unwrap_model(model))
+            if ema is not None:
+                tensors.update(ema.state())
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
             tensors.update(opt_tensors)
             save_checkpoint(self.run / "checkpoints", unit, step, tensors,
@@ -241,7 +262,7 @@ class Trainer:
         from .rundir import library_versions
 
         recipe = self.recipe
-        return {"stage": stage, "phase": phase, "rank": recipe.lora.rank, "alpha": recipe.lora.alpha,
+        return {"stage": stage, "phase": phase, "method": recipe.method, "rank": recipe.lora.rank, "alpha": recipe.lora.alpha,
                 "target_modules": recipe.lora.target_modules, "recipe": recipe.name,
                 "recipe_hash": self.loaded.hash, "base_cascade": recipe.cascade.model_dump(),
                 "data": data.source, "data_samples": len(data.captions),
@@ -254,6 +275,34 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def evaluate_run(trainer: Trainer, summary: RunSummary) -> None:
+    """Sample and judge the recipe's prompt sets with the base cascade (before) and the
+    trained one (after); grids under samples/, numbers in eval.json."""
+    from .evaluate import evaluate_variants, load_prompt_set, settings_from
+    from .sampling import CascadeVariant
+
+    spec = trainer.recipe.eval
+    if not spec.prompt_sets:
+        return
+    prompt_sets = {name: load_prompt_set(value, f"eval.prompt_sets.{name}")
+                   for name, value in spec.prompt_sets.items()}
+    trained = (CascadeVariant("adapted", adapters=dict(summary.adapters))
+               if trainer.method.name == "lora" else
+               CascadeVariant("trained", unets={s: p / "unet" for s, p in summary.adapters.items()}))
+    variants = ([CascadeVariant("base")] if spec.before else []) + [trained]
+    started = time.time()
+    results = evaluate_variants(trainer.cascade, variants, prompt_sets, settings_from(spec.sample),
+                                trainer.run.path, spec.grid, trainer.progress)
+    summary.evaluation = results
+    atomic.write_json(trainer.run / "eval.json", {
+        "results": results, "prompt_sets": spec.prompt_sets, "sample": spec.sample.model_dump(),
+        "variants": [v.name for v in variants], "seconds": round(time.time() - started, 1)})
+    for name, by_variant in results.items():
+        trainer.say(f"eval {name}: " + "; ".join(
+            f"{v} overall {r['overall']:.0%}" if "overall" in r else f"{v} sampled"
+            for v, r in by_variant.items()))
 
 
 def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSummary:
@@ -275,7 +324,7 @@ def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSumm
         for stage in recipe.cascade.stages:
             unit = unit_name(phase.name, stage)
             out_dir = run / "phases" / phase.name / f"stage_{stage}"
-            if unit in done and (out_dir / adapters.WEIGHT_NAME).exists():
+            if unit in done and trainer.method.exported(out_dir):
                 trainer.say(f"{unit}: finished earlier, not re-run")
             else:
                 out_dir = trainer.run_unit(phase_index, stage, latest.get(stage))
@@ -283,10 +332,13 @@ def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSumm
     summary = RunSummary(run.path)
     if acc.is_main_process:
         for stage, src in latest.items():
-            target = run / "adapters" / f"stage_{stage}"
-            with atomic.atomic_path(target / adapters.WEIGHT_NAME) as tmp:
-                shutil.copyfile(src / adapters.WEIGHT_NAME, tmp)
+            target = run / trainer.method.output_folder / f"stage_{stage}"
+            trainer.method.publish(src, target, cascade.stage_dirs[stage])
             summary.adapters[stage] = target
+        evaluate_run(trainer, summary)
+        from .report import write_report
+
+        summary.report = write_report(run.path)
         summary.seconds = time.time() - started
         atomic.write_json(run / "finished.json", {"seconds": round(summary.seconds, 1),
                                                   "adapters": {k: str(v) for k, v in summary.adapters.items()}})

@@ -48,7 +48,7 @@ def write_recipe(path: Path, text: str) -> Path:
 def recipe_factory(tmp_path, tiny_cascade, synth_general, synth_domain, cache_dir):
     """Write a small two-phase recipe over the tiny cascade; keyword args replace parts."""
     def make(stages="[I]", steps=4, general_steps=None, extra="", name="r.yaml", out="run",
-             batch=4, checkpoint_every=2):
+             batch=4, checkpoint_every=2, train=""):
         text = f"""
 name: test
 seed: 0
@@ -57,7 +57,7 @@ cache_dir: {cache_dir}
 cascade: {{path: {tiny_cascade}, stages: {stages}}}
 lora: {{rank: 4, alpha: 8}}
 optim: {{batch_size: {batch}}}
-train: {{checkpoint_every: {checkpoint_every}, log_every: 1, device: cpu}}
+train: {{checkpoint_every: {checkpoint_every}, log_every: 1, device: cpu{train}}}
 phases:
   - {{name: general, data: {{path: {synth_general}}}, steps: {general_steps or steps}}}
   - {{name: domain, data: {{path: {synth_domain}}}, steps: {steps}}}

@@ -83,9 +83,10 @@ def test_existing_run_is_never_overwritten_silently(recipe_factory, capsys):
 
 
 def test_resume_after_sigkill_gives_the_same_adapter(recipe_factory, tmp_path):
-    reference = recipe_factory(steps=6, general_steps=2, out="ref", name="ref.yaml")
+    ema = ", ema: {decay: 0.9}"  # the EMA must resume exactly too
+    reference = recipe_factory(steps=6, general_steps=2, out="ref", name="ref.yaml", train=ema)
     run_recipe(load_recipe(reference))
-    killed = recipe_factory(steps=6, general_steps=2, out="killed", name="killed.yaml")
+    killed = recipe_factory(steps=6, general_steps=2, out="killed", name="killed.yaml", train=ema)
     out = Path(load_recipe(killed).recipe.output_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(killed)], env=env,
@@ -99,7 +100,11 @@ def test_resume_after_sigkill_gives_the_same_adapter(recipe_factory, tmp_path):
     proc.wait()
     assert not (out / "finished.json").exists(), "the run was killed before finishing"
     assert main(["run", str(killed), "--resume"]) == 0
-    assert _same(_adapter(Path(load_recipe(reference).recipe.output_dir)), _adapter(out))
+    ref_out = Path(load_recipe(reference).recipe.output_dir)
+    assert _same(_adapter(ref_out), _adapter(out))
+    ema_file = Path("phases/domain/stage_I/ema") / ADAPTER
+    assert _same(load_file(str(ref_out / ema_file)), load_file(str(out / ema_file)))
+    assert not _same(load_file(str(out / ema_file)), _adapter(out))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [(m["phase"], m["step"]) for m in metrics]
     assert len(steps) == len(set(steps)) == 8  # no duplicate lines after the resume
@@ -136,3 +141,53 @@ def test_two_stages_train_and_stage_ii_adapter_loads(recipe_factory):
     pipe = IFSuperResolutionPipeline.from_pretrained(cascade_dir)
     pipe.load_lora_weights(run / "adapters" / "stage_II")
     assert sum(1 for n, _ in pipe.unet.named_parameters() if "lora_" in n) == len(_adapter(run, "II"))
+
+
+def test_per_stage_steps_and_batch(recipe_factory):
+    path = recipe_factory(stages="[I, II]")
+    loaded = load_recipe(path, ["phases.0.steps={I: 2, II: 1}", "phases.0.batch_size={I: 4, II: 2}",
+                                "phases.1.steps=1"])
+    run = run_recipe(loaded).run_dir
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["unit"], m["step"]) for m in metrics] == [
+        ("general-stage_I", 1), ("general-stage_I", 2), ("general-stage_II", 1),
+        ("domain-stage_I", 1), ("domain-stage_II", 1)]
+
+
+def test_per_stage_steps_must_name_the_recipe_stages(recipe_factory, capsys):
+    path = recipe_factory(stages="[I, II]")
+    assert main(["validate", str(path), "--set", "phases.0.steps={I: 2}"]) == 2
+    assert "give steps for every stage" in capsys.readouterr().err
+
+
+def test_full_method_trains_every_weight_resumes_and_writes_a_pipeline_folder(recipe_factory):
+    import shutil
+
+    from diffusers import IFPipeline
+
+    from finetune.cascade import Cascade
+
+    path = recipe_factory(steps=4, general_steps=1, extra="method: full",
+                          train=", ema: {decay: 0.9, export: ema}")
+    loaded = load_recipe(path)
+    run = run_recipe(loaded).run_dir
+    stage_dir = run / "cascade" / "stage_I"
+    trained = IFPipeline.from_pretrained(stage_dir, safety_checker=None, feature_extractor=None,
+                                         watermarker=None, requires_safety_checker=False).unet
+    base = Cascade.from_spec(loaded.recipe.cascade.path).load_unet("I")
+    changed = [n for n, p in trained.named_parameters() if not p.equal(dict(base.named_parameters())[n])]
+    assert len(changed) > 0.9 * len(list(base.parameters()))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    exported = load_file(str(run / "phases/domain/stage_I" / weights))
+    raw = load_file(str(run / "phases/domain/stage_I/raw" / weights))
+    assert not _same(exported, raw)  # export: ema puts the average first, raw beside it
+
+    # Forget the domain phase's last checkpoint and result, then resume from its step 2.
+    shutil.rmtree(run / "checkpoints" / "domain-stage_I-step_000004")
+    shutil.rmtree(run / "phases" / "domain")
+    (run / "finished.json").unlink()
+    progress = json.loads((run / "progress.json").read_text())
+    progress["completed"].remove("domain-stage_I")
+    (run / "progress.json").write_text(json.dumps(progress))
+    assert main(["run", str(path), "--resume"]) == 0
+    assert _same(exported, load_file(str(run / "phases/domain/stage_I" / weights)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 StageName = Literal["I", "II", "III"]
 IF_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
@@ -74,15 +74,33 @@ class DataSpec(Strict):
 class PhaseSpec(Strict):
     name: str = Field(..., min_length=1, description="general, domain, ... (free, order kept)")
     data: DataSpec
-    steps: int = Field(..., ge=1, description="Optimizer steps per stage in this phase.")
-    batch_size: int | None = Field(None, ge=1, description="Overrides optim.batch_size for this phase.")
+    steps: PositiveInt | dict[StageName, PositiveInt] = Field(..., description=(
+        "Optimizer steps of each stage in this phase: one number, or per stage {I: 3000, II: 1000}."))
+    batch_size: PositiveInt | dict[StageName, PositiveInt] | None = Field(None, description=(
+        "Overrides optim.batch_size for this phase: one number, or per stage {I: 32, II: 16}."))
     lr: LRSpec | None = Field(None, description="Overrides optim.lr for this phase (implies a restart).")
+
+    def steps_for(self, stage: str) -> int:
+        return self.steps if isinstance(self.steps, int) else self.steps.get(stage, 0)
+
+    def batch_for(self, stage: str, default: int) -> int:
+        if isinstance(self.batch_size, dict):
+            return self.batch_size.get(stage, default)
+        return self.batch_size or default
 
 
 class StageIISpec(Strict):
     noise_aug_min: int = Field(0, ge=0, le=999, description="Lowest noise-augmentation level of the low-res input.")
     noise_aug_max: int = Field(999, ge=0, le=999, description="Highest level (the stock pipeline samples at 250).")
     low_size: int | None = Field(None, ge=4, description="Low-res size; default: stage I's resolution.")
+
+
+class EMASpec(Strict):
+    decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "EMA of the trained weights with this decay (e.g. 0.999); 0 = off."))
+    export: Literal["raw", "ema"] = Field("raw", description=(
+        "Which weights are the unit's result; the other is saved beside it in an ema/ or"
+        " raw/ sub-folder."))
 
 
 class TrainSpec(Strict):
@@ -92,6 +110,7 @@ class TrainSpec(Strict):
         "vlb trains IF's learned variance (Improved-DDPM hybrid loss) so the stock scheduler samples correctly."))
     vlb_weight: float = Field(1.0, ge=0.0)
     stage_II: StageIISpec = Field(default_factory=StageIISpec)
+    ema: EMASpec = Field(default_factory=EMASpec)
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
     gradient_checkpointing: bool = Field(False, description="True reduces activation memory at about 30% more compute.")
@@ -100,16 +119,41 @@ class TrainSpec(Strict):
     device: Literal["auto", "cpu"] = Field("auto", description="auto: accelerate picks (GPU when present).")
 
 
+class SampleSpec(Strict):
+    steps: int = Field(50, ge=1, description="Stage I denoising steps.")
+    steps_II: int = Field(25, ge=1, description="Stage II denoising steps.")
+    guidance_scale: float = Field(4.0, ge=0.0, description="Classifier-free guidance of stage I (1 = off).")
+    guidance_scale_II: float = Field(4.0, ge=0.0)
+    noise_level: int = Field(250, ge=0, le=999, description="Stage II noise augmentation of the stage I image.")
+    negative_prompt: str | None = None
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    adapter_scale: float = Field(1.0, ge=0.0, description="LoRA scale when sampling (fused).")
+
+
+class EvalSpec(Strict):
+    prompt_sets: dict[str, str] = Field(default_factory=dict, description=(
+        "name: prompts to sample and judge; synth:SPLIT?n=48&seed=7, a .jsonl of"
+        " {prompt, truth} rows, or a .txt with one prompt per line."))
+    before: bool = Field(True, description="Also sample and judge the base cascade (before adaptation).")
+    grid: int = Field(16, ge=1, description="Images per sample grid.")
+    sample: SampleSpec = Field(default_factory=SampleSpec)
+
+
 class Recipe(Strict):
     name: str = Field(..., min_length=1)
     seed: int = Field(0, ge=0)
     output_dir: str = Field(..., description="Run directory. Example: runs/shapes-domain")
     cache_dir: str | None = Field(None, description="Cache for prepared data and text embeddings (default ~/.cache/finetune).")
     cascade: CascadeSpec = Field(default_factory=CascadeSpec)
+    method: Literal["lora", "full"] = Field("lora", description=(
+        "lora: train LoRA adapters (adaptation); full: train every UNet weight (pretraining a"
+        " small cascade; the lora block is then unused)."))
     lora: LoraSpec = Field(default_factory=LoraSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     phases: list[PhaseSpec] = Field(..., min_length=1)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training (and of the base before it).")
 
     def check(self) -> list[tuple[tuple, str]]:
         """Cross-field rules: (key path, message) for each violation."""
@@ -129,10 +173,21 @@ class Recipe(Strict):
         if not self.cascade.path and not self.cascade.stage_paths:
             problems.append((("cascade", "path"), "give cascade.path or cascade.stage_paths"))
         for i, phase in enumerate(self.phases):
-            batch = phase.batch_size or self.optim.batch_size
-            if batch % self.optim.grad_accum:
-                problems.append((("phases", i, "batch_size") if phase.batch_size else ("optim", "batch_size"),
-                                 f"batch size {batch} is not divisible by optim.grad_accum ({self.optim.grad_accum})"))
+            for stage in stages:
+                batch = phase.batch_for(stage, self.optim.batch_size)
+                if batch % self.optim.grad_accum:
+                    problems.append((("phases", i, "batch_size") if phase.batch_size else ("optim", "batch_size"),
+                                     f"batch size {batch} is not divisible by optim.grad_accum ({self.optim.grad_accum})"))
+            for field in ("steps", "batch_size"):
+                per_stage = getattr(phase, field)
+                if isinstance(per_stage, dict):
+                    if field == "steps" and set(per_stage) != set(stages):
+                        problems.append((("phases", i, field), f"give steps for every stage in cascade.stages ({', '.join(stages)})"))
+                    for stage in per_stage:
+                        if stage not in stages:
+                            problems.append((("phases", i, field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+        if self.train.ema.export == "ema" and self.train.ema.decay == 0:
+            problems.append((("train", "ema", "export"), "export: ema needs train.ema.decay > 0 (e.g. 0.999)"))
         sii = self.train.stage_II
         if sii.noise_aug_min > sii.noise_aug_max:
             problems.append((("train", "stage_II", "noise_aug_min"), "noise_aug_min is above noise_aug_max"))
