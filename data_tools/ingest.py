@@ -101,6 +101,9 @@ def read_pairs(root: Path) -> IngestResult:
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         where = str(image.relative_to(root))
         caption_file = image.with_suffix(".txt")
+        if not _inside(root, image) or not _inside(root, caption_file):
+            result.rejected.append(Rejection(where, "a symlink pointing outside the dataset folder (refused)"))
+            continue
         if not caption_file.is_file():
             result.rejected.append(Rejection(where, f"missing caption file {caption_file.name}"))
             continue

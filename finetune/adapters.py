@@ -57,9 +57,17 @@ def save_adapter(unet, out_dir: str | Path, provenance: dict,
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors, peft config dict, provenance dict) of an adapter folder or file."""
+    from .cascade import PICKLE_SUFFIXES
+    from .errors import UserError
+
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHT_NAME
+    if path.suffix in PICKLE_SUFFIXES:
+        raise UserError(f"{path}: a pickle-based file; adapters are read only from safetensors"
+                        " (pickle can run code when loaded)")
+    if not path.is_file():
+        raise UserError(f"{path}: no adapter file here (expected {WEIGHT_NAME})")
     with safe_open(path, "pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         meta = handle.metadata() or {}
@@ -73,8 +81,19 @@ def load_adapter_weights(unet, tensors: dict[str, torch.Tensor]) -> None:
     same LoRA attached; every key must match."""
     from peft.utils import set_peft_model_state_dict
 
+    from .errors import UserError
+
     state = {k[len(UNET_PREFIX):]: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", []) or []
-    if unexpected:
-        raise RuntimeError(f"adapter keys not in the model: {unexpected[:3]}")
+    expected = adapter_state_dict(unet)
+    for key, value in state.items():
+        mine = expected.get(UNET_PREFIX + key)
+        if mine is None:
+            raise UserError(f"adapter does not match this UNet: key {UNET_PREFIX + key} is not in it"
+                            " (an adapter of another model, stage or target_modules?)")
+        if mine.shape != value.shape:
+            raise UserError(f"adapter does not match this UNet: {UNET_PREFIX + key} has shape "
+                            f"{tuple(value.shape)}, the model expects {tuple(mine.shape)} (another rank or model?)")
+    missing = sorted(set(expected) - {UNET_PREFIX + k for k in state})
+    if missing:
+        raise UserError(f"adapter does not match this UNet: {missing[0]} is missing from it")
+    set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)

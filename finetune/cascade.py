@@ -190,6 +190,21 @@ def resolve_location(location: str, what: str, revision: str | None = None,
     raise UserError(f"{what}: folder '{location}' does not exist; give a local folder, a cached hub id or builtin:tiny-random")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(folder: Path, what: str) -> None:
+    """Weights are read only from safetensors: a folder holding only pickle-based weight files
+    is refused (unpickling runs arbitrary code), never loaded."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{what}: {folder / pickles[0]} is a pickle-based weight file; the kit loads"
+                        " weights only from safetensors (pickle can run code when loaded); convert it"
+                        " on a machine you trust, e.g. model.save_pretrained(dir, safe_serialization=True)")
+
+
 @dataclass
 class Cascade:
     """Local folders of each stage; components are loaded on demand."""
@@ -217,6 +232,8 @@ class Cascade:
             if not (folder / "unet" / "config.json").exists():
                 raise UserError(f"cascade stage {stage}: '{folder}' has no unet/config.json;"
                                 " expected a diffusers IF pipeline folder")
+            for part in ("unet", "text_encoder"):
+                require_safetensors(folder / part, f"cascade stage {stage}")
         return cls(stage_dirs)
 
     # -- components -------------------------------------------------------------------------
@@ -236,14 +253,14 @@ class Cascade:
         from transformers import T5EncoderModel
 
         model = T5EncoderModel.from_pretrained(self._text_dir(), subfolder="text_encoder",
-                                               torch_dtype=dtype)
+                                               torch_dtype=dtype, use_safetensors=True)
         return model.eval().requires_grad_(False)
 
     def load_unet(self, stage: str, dtype=None):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(self.stage_dirs[stage], subfolder="unet",
-                                                    torch_dtype=dtype)
+                                                    torch_dtype=dtype, use_safetensors=True)
 
     def unet_config(self, stage: str) -> dict:
         return json.loads((self.stage_dirs[stage] / "unet" / "config.json").read_text())

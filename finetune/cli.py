@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .errors import UserError
+from .guards import Stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"stopped by {name} at {stop}; a checkpoint is written; continue with: "
+              f"finetune run {getattr(args, 'recipe', 'RECIPE')} --resume", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

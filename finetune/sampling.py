@@ -65,11 +65,12 @@ class CascadeSampler:
         for stage in self.stages:
             extra = {}
             if stage in variant.unets:
-                extra["unet"] = UNet2DConditionModel.from_pretrained(variant.unets[stage])
+                extra["unet"] = UNet2DConditionModel.from_pretrained(variant.unets[stage],
+                                                                     use_safetensors=True)
             pipe = kinds[stage].from_pretrained(
                 cascade.stage_dirs[stage], text_encoder=text_encoder, tokenizer=tokenizer,
                 safety_checker=None, feature_extractor=None, watermarker=None,
-                requires_safety_checker=False, **extra)
+                requires_safety_checker=False, use_safetensors=True, **extra)
             if stage in variant.adapters:
                 pipe.load_lora_weights(str(variant.adapters[stage]), adapter_name="adapted")
                 pipe.fuse_lora(components=["unet"], lora_scale=adapter_scale)

@@ -5,7 +5,9 @@ Reads top to bottom: `run_recipe` -> `Trainer.run_unit` -> `Trainer.step`.
 """
 from __future__ import annotations
 
+import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +17,10 @@ from tqdm.auto import tqdm
 from . import atomic
 from .batches import BatchOrder, derive_seed, local_slice
 from .cascade import Cascade, default_cache_dir
-from .checkpoint import load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
+from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
 from .ema import EMA
 from .errors import UserError
+from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .methods import make_method
 from .objective import StageObjective
 from .phase_data import PhaseData, load_phase_data
@@ -53,6 +56,7 @@ class Trainer:
         self.phase_data: dict[str, PhaseData] = {}
         self.text_cache: TextEmbeddingCache | None = None
         self.method = make_method(self.recipe)
+        self.stop: StopRequest | None = None
 
     def say(self, message: str) -> None:
         if self.main:
@@ -159,23 +163,38 @@ class Trainer:
         offset = self.schedule_offset(phase_index, stage)
         bar = tqdm(range(start, steps), initial=start, total=steps,
                    desc=f"{phase.name} stage {stage}", disable=not self.main)
+        skipped = 0
         for step in bar:
             lr = step_decay_lr(offset + step, lr_spec.start, lr_spec.end, lr_spec.decay_every,
                                lr_spec.decay_factor, lr_spec.warmup_steps)
             set_lr(optimizer, lr)
-            metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
-                                phase.data.flip)
-            if ema is not None:
+            with resource_errors(f"{unit} step {step + 1}"):
+                metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
+                                    phase.data.flip)
+            if metrics["skipped"]:
+                skipped += 1
+                self.on_nonfinite(unit, step + 1, skipped)
+            elif ema is not None:
                 ema.update()
+            metrics["skipped_total"] = skipped
             metrics.update(unit=unit, phase=phase.name, stage=stage, step=step + 1, lr=lr)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
             if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
                 self.run.log_metrics(metrics)
-            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps:
+            written = (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps
+            if written:
                 self.checkpoint(model, optimizer, unit, step + 1, ema)
+            if self.stop_requested():
+                if not written:
+                    self.checkpoint(model, optimizer, unit, step + 1, ema)
+                bar.close()
+                raise Stopped(self.stop.signal, f"{unit} step {step + 1} of {steps}")
         bar.close()
         if self.main:
-            self.export(self.acc.unwrap_model(model), out_dir, self.provenance(phase.name, stage, data), ema)
+            with resource_errors(f"the result of {unit} in {out_dir}",
+                                 "the checkpoints are intact"):
+                self.export(self.acc.unwrap_model(model), out_dir,
+                            dict(self.provenance(phase.name, stage, data), skipped_steps=skipped), ema)
             self.run.mark_completed(unit)
         self.acc.wait_for_everyone()
         self.acc.free_memory()
@@ -217,12 +236,15 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / accum
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        finite = self.all_finite(totals["loss"], trainable)
         grad_norm = None
-        if recipe.optim.max_grad_norm > 0:
-            grad_norm = self.acc.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], recipe.optim.max_grad_norm)
-        optimizer.step()
+        if finite and recipe.optim.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(trainable, recipe.optim.max_grad_norm)
+        if finite:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        totals["skipped"] = 0.0 if finite else 1.0
         if self.acc.num_processes > 1:
             # Log the global batch's loss, not the main process's share.
             names = sorted(totals)
@@ -232,6 +254,28 @@ class Trainer:
         if grad_norm is not None:
             totals["grad_norm"] = float(grad_norm)
         return totals
+
+    def stop_requested(self) -> bool:
+        if self.stop is None:
+            return False
+        flag = torch.tensor(float(self.stop.requested), device=self.acc.device)
+        if self.acc.num_processes > 1:  # stop together even if one process got the signal
+            flag = self.acc.reduce(flag, reduction="sum")
+        if flag.item() > 0 and self.stop.signal is None:
+            self.stop.signal = signal.SIGTERM
+        return flag.item() > 0
+
+    def on_nonfinite(self, unit: str, step: int, skipped: int) -> None:
+        train = self.recipe.train
+        last = list_checkpoints(self.run / "checkpoints", unit)
+        good = last[-1].name if last else "none yet (the unit restarts from its beginning)"
+        where = f"non-finite loss or gradient in {unit} at step {step}"
+        if train.on_nonfinite == "stop" or skipped > train.max_skipped_steps:
+            why = ("train.on_nonfinite is stop" if train.on_nonfinite == "stop" else
+                   f"{skipped} steps skipped, above train.max_skipped_steps={train.max_skipped_steps}")
+            raise UserError(f"{where} ({why}); last good checkpoint: {good}; lower optim.lr.start, "
+                            "use bf16 instead of fp16, or check the data, then --resume")
+        self.say(f"{where}: step skipped ({skipped} so far)")
 
     def export(self, unet, out_dir: Path, provenance: dict, ema: EMA | None) -> None:
         """The unit's result; with EMA, the weights not chosen by train.ema.export go beside
@@ -246,6 +290,17 @@ class Trainer:
             self.method.export(unet, out_dir if use_ema else beside,
                                dict(provenance, weights="ema", ema_decay=ema.decay))
 
+    def all_finite(self, loss: float, params) -> bool:
+        """Loss and every gradient finite, agreed by all processes (they must skip together)."""
+        ok = torch.tensor(float(torch.isfinite(torch.tensor(loss)).item()), device=self.acc.device)
+        for param in params:
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                ok.zero_()
+                break
+        if self.acc.num_processes > 1:
+            ok = self.acc.reduce(ok, reduction="mean")
+        return bool(ok.item() == 1.0)
+
     def checkpoint(self, model, optimizer, unit: str, step: int, ema: EMA | None = None) -> None:
         if self.main:
             tensors = self.method.state(self.acc.unwrap_model(model))
@@ -253,9 +308,11 @@ class Trainer:
                 tensors.update(ema.state())
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
             tensors.update(opt_tensors)
-            save_checkpoint(self.run / "checkpoints", unit, step, tensors,
-                            {"optimizer": opt_meta, "recipe_hash": self.loaded.hash},
-                            self.recipe.train.keep_checkpoints)
+            with resource_errors(f"the checkpoint of {unit} at step {step}",
+                                 "earlier checkpoints are intact"):
+                save_checkpoint(self.run / "checkpoints", unit, step, tensors,
+                                {"optimizer": opt_meta, "recipe_hash": self.loaded.hash},
+                                self.recipe.train.keep_checkpoints)
         self.acc.wait_for_everyone()
 
     def provenance(self, phase: str, stage: str, data: PhaseData) -> dict:
@@ -310,13 +367,22 @@ def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSumm
     started = time.time()
     acc = _accelerator(recipe)
     run = RunDir(recipe.output_dir)
-    if acc.is_main_process:
-        run.prepare(loaded, resume=resume, overwrite=overwrite)
+    with ExitStack() as guards:
+        if acc.is_main_process:
+            guards.enter_context(run_lock(run.path))
+            run.prepare(loaded, resume=resume, overwrite=overwrite)
+        stop = guards.enter_context(StopRequest())
+        return _run(loaded, acc, run, stop, started)
+
+
+def _run(loaded, acc, run: RunDir, stop: StopRequest, started: float) -> RunSummary:
+    recipe = loaded.recipe
     acc.wait_for_everyone()
     cache_dir = Path(recipe.cache_dir).expanduser() if recipe.cache_dir else default_cache_dir()
     cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
                                 recipe.cascade.revision, cache_dir)
     trainer = Trainer(loaded, run, acc, cascade, cache_dir)
+    trainer.stop = stop
     trainer.prepare_data()
     done = run.completed_units()
     latest: dict[str, Path] = {}

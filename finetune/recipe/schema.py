@@ -111,6 +111,11 @@ class TrainSpec(Strict):
     vlb_weight: float = Field(1.0, ge=0.0)
     stage_II: StageIISpec = Field(default_factory=StageIISpec)
     ema: EMASpec = Field(default_factory=EMASpec)
+    on_nonfinite: Literal["skip", "stop"] = Field("skip", description=(
+        "A NaN/inf loss or gradient: skip that optimizer step (counted in the metrics) or stop"
+        " the run naming the step and the last good checkpoint."))
+    max_skipped_steps: int = Field(20, ge=0, description=(
+        "With on_nonfinite: skip, stop anyway after this many skipped steps in one unit."))
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
     gradient_checkpointing: bool = Field(False, description="True reduces activation memory at about 30% more compute.")
