@@ -9,18 +9,39 @@ from .schema import Recipe
 
 
 def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
-    from ..cascade import BUILTIN_PREFIX, Cascade
+    from data_tools.synth import SPLITS, parse_synth_path
+
+    from ..cascade import BUILTIN_NAMES, BUILTIN_PREFIX, Cascade
+    from ..evaluate import load_prompt_set
+    from ..lora import unmatched_targets
 
     problems: list[tuple[tuple, str]] = []
     for i, phase in enumerate(recipe.phases):
         data_path = phase.data.path
         if data_path.startswith("synth:"):
+            try:
+                split, _ = parse_synth_path(data_path)
+            except UserError as exc:  # "<path>: <problem>"
+                problems.append((("phases", i, "data", "path"), str(exc).split(": ", 1)[-1]))
+                continue
+            if split not in SPLITS:
+                problems.append((("phases", i, "data", "path"),
+                                 f"unknown synth split '{split}' (known: {', '.join(SPLITS)})"))
             continue
         if not Path(data_path).expanduser().is_dir():
             problems.append((("phases", i, "data", "path"),
                              f"dataset folder '{data_path}' does not exist"))
+    for name, prompts in recipe.eval.prompt_sets.items():
+        try:
+            load_prompt_set(prompts)
+        except UserError as exc:
+            problems.append((("eval", "prompt_sets", name), str(exc).split(": ", 1)[-1]))
     spec = recipe.cascade
     if spec.path and spec.path.startswith(BUILTIN_PREFIX) and not spec.stage_paths:
+        name = spec.path[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_NAMES:
+            problems.append((("cascade", "path"), f"unknown builtin cascade '{name}'; known: "
+                             + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)))
         return problems  # builtins are built on demand and hold stages I and II
     try:
         cascade = Cascade.from_spec(spec.path, spec.stage_paths, spec.revision, cache_dir=None)
@@ -33,4 +54,19 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
             have = ", ".join(sorted(cascade.stage_dirs)) or "none"
             problems.append((("cascade", "stages", i),
                              f"stage {stage} is not in the cascade (it has: {have})"))
+        elif recipe.method == "lora":
+            missing = unmatched_targets(_empty_unet(cascade, stage), recipe.lora.target_modules)
+            if missing:
+                problems.append((("lora", "target_modules"),
+                                 f"{', '.join(missing)} match no module of stage {stage}'s UNet; IF "
+                                 "attention uses to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj"))
     return problems
+
+
+def _empty_unet(cascade, stage: str):
+    """The stage's UNet structure without weights (meta device: instant even for IF-I-XL)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(cascade.unet_config(stage))

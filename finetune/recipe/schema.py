@@ -5,12 +5,31 @@ live in `Recipe.check` so they are reported together with the field errors.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 StageName = Literal["I", "II", "III"]
 IF_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+def _per_stage_count(value):
+    """A positive integer, or {stage: positive integer}; one clear error either way."""
+    def positive(v) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"expected a whole number of at least 1, or one per stage like {{I: 3000, II: 1000}} (got {v!r})")
+        return v
+
+    if isinstance(value, dict):
+        for stage, count in value.items():
+            if stage not in ("I", "II", "III"):
+                raise ValueError(f"unknown stage {stage!r} (I, II or III)")
+            positive(count)
+        return dict(value)
+    return positive(value)
+
+
+PerStageCount = Annotated[Any, BeforeValidator(_per_stage_count)]
 
 
 class Strict(BaseModel):
@@ -74,9 +93,9 @@ class DataSpec(Strict):
 class PhaseSpec(Strict):
     name: str = Field(..., min_length=1, description="general, domain, ... (free, order kept)")
     data: DataSpec
-    steps: PositiveInt | dict[StageName, PositiveInt] = Field(..., description=(
+    steps: PerStageCount = Field(..., description=(
         "Optimizer steps of each stage in this phase: one number, or per stage {I: 3000, II: 1000}."))
-    batch_size: PositiveInt | dict[StageName, PositiveInt] | None = Field(None, description=(
+    batch_size: PerStageCount | None = Field(None, description=(
         "Overrides optim.batch_size for this phase: one number, or per stage {I: 32, II: 16}."))
     lr: LRSpec | None = Field(None, description="Overrides optim.lr for this phase (implies a restart).")
 
