@@ -34,6 +34,7 @@ class Prepared:
     wheres: list[str]
     rejected: list[Rejection] = field(default_factory=list)
     from_cache: bool = False
+    key: str = ""                   # fingerprint of the files (paths, sizes, mtimes) and settings
 
 
 def _cache_key(records: list[Record], resolution: int, too_small: str) -> str:
@@ -61,7 +62,7 @@ def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
             meta = json.loads(handle.metadata()["prepared"])
             pixels = handle.get_tensor("pixels")
         return Prepared(pixels, meta["captions"], meta["wheres"],
-                        [Rejection(**r) for r in meta["rejected"]], from_cache=True)
+                        [Rejection(**r) for r in meta["rejected"]], from_cache=True, key=key)
     arrays, captions, wheres, rejected = [], [], [], []
     for rec in records:
         try:
@@ -78,7 +79,7 @@ def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
                 "rejected": [r.__dict__ for r in rejected]}
         with atomic_path(cache_file) as tmp:
             save_file({"pixels": pixels.contiguous()}, str(tmp), metadata={"prepared": json.dumps(meta)})
-    return Prepared(pixels, captions, wheres, rejected)
+    return Prepared(pixels, captions, wheres, rejected, key=key)
 
 
 def to_model_range(pixels_uint8: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,17 @@
     finetune validate RECIPE [--set key.path=value ...]   check a recipe, write nothing
     finetune plan RECIPE                                  parameters per stage, data counts
     finetune run RECIPE [--resume] [--overwrite]          train; `accelerate launch -m finetune run ...` for many processes
+    finetune sample [RUN | --cascade PATH] --prompt P --out DIR   sample the whole cascade
+    finetune eval RUN [--prompts NAME=SPEC]               base vs adapted on held-out prompts
+    finetune publish RUN [--out DIR] [--push REPO_ID]     hub-ready folder with model card
+    finetune merge RUN --out DIR                          adapters fused into a full cascade
 
 Exit codes: 0 success, 2 user error (one line per problem, no traceback).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -31,7 +36,113 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--resume", action="store_true", help="continue the run in output_dir")
             cmd.add_argument("--overwrite", action="store_true",
                              help="delete an existing run in output_dir and start again")
+    sample = sub.add_parser("sample", help="generate through the whole cascade (PNGs and a grid)")
+    sample.add_argument("run", nargs="?", help="a finished run directory (its cascade and adapters)")
+    sample.add_argument("--cascade", help="a cascade folder or builtin:NAME instead of a run (base model)")
+    sample.add_argument("--base", action="store_true", help="with a run: ignore its adapters (before adaptation)")
+    group = sample.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="one prompt")
+    group.add_argument("--prompts", help="prompt file (.txt one per line, .jsonl) or synth:SPLIT?n=..")
+    sample.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
+    sample.add_argument("--num", type=int, default=1, help="images per prompt")
+    for name, kind, default, text in [("steps", int, 50, "stage I steps"), ("steps-II", int, 25, "stage II steps"),
+                                      ("guidance", float, 4.0, "guidance scale"),
+                                      ("adapter-scale", float, 1.0, "LoRA scale"),
+                                      ("seed", int, 0, "seed (image i uses seed and i)"),
+                                      ("batch-size", int, 8, "prompts per batch"),
+                                      ("noise-level", int, 250, "stage II noise augmentation")]:
+        sample.add_argument(f"--{name}", type=kind, default=default, help=text)
+    sample.add_argument("--negative", default=None, help="negative prompt")
+    evaluate = sub.add_parser("eval", help="evaluate a finished run: base vs adapted on held-out prompts")
+    evaluate.add_argument("run")
+    evaluate.add_argument("--prompts", action="append", default=[], metavar="NAME=SPEC",
+                          help="prompt set (default: the recipe's eval.prompt_sets)")
+    publish = sub.add_parser("publish", help="write a hub-ready folder: adapters, model card, recipe")
+    publish.add_argument("run")
+    publish.add_argument("--out", help="folder to write (default RUN/publish)")
+    publish.add_argument("--push", metavar="REPO_ID", help="upload with huggingface_hub (token from HF_TOKEN or login)")
+    merge = sub.add_parser("merge", help="fuse the adapters into a full cascade folder (no peft needed)")
+    merge.add_argument("run")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--scale", type=float, default=1.0)
     return parser
+
+
+def cmd_sample(args) -> int:
+    from pathlib import Path
+
+    from .cascade import Cascade
+    from .evaluate import load_prompt_set, save_png, trained_variant
+    from .publish import run_cascade
+    from .sampling import CascadeSampler, CascadeVariant, SampleSettings, image_grid
+
+    if bool(args.run) == bool(args.cascade):
+        raise UserError("sample: give a run directory or --cascade (one of them)")
+    if args.run:
+        run = Path(args.run)
+        cascade, recipe = run_cascade(run)
+        variant = CascadeVariant("base") if args.base else trained_variant(run, recipe.get("method", "lora"))
+    else:
+        cascade, variant = Cascade.from_spec(args.cascade), CascadeVariant("base")
+    prompts = [args.prompt] if args.prompt else [p.text for p in load_prompt_set(args.prompts, "--prompts")]
+    prompts = [p for p in prompts for _ in range(args.num)]
+    settings = SampleSettings(steps=args.steps, steps_II=args.steps_II, guidance_scale=args.guidance,
+                              guidance_scale_II=args.guidance, noise_level=args.noise_level,
+                              negative_prompt=args.negative, seed=args.seed,
+                              batch_size=args.batch_size, adapter_scale=args.adapter_scale)
+    images = CascadeSampler(cascade, variant, adapter_scale=args.adapter_scale).generate(prompts, settings)
+    out = Path(args.out)
+    for i, image in enumerate(images):
+        save_png(image, out / f"{i:04d}.png")
+    save_png(image_grid(images), out / "grid.png")
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    print(f"{len(images)} images ({variant.name}) in {out}; grid: {out / 'grid.png'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .recipe import load_recipe
+    from .train import evaluate_finished_run
+
+    run = Path(args.run)
+    loaded = load_recipe(run / "resolved_recipe.yaml")
+    sets = dict(loaded.recipe.eval.prompt_sets)
+    for item in args.prompts:
+        name, _, spec = item.partition("=")
+        if not spec:
+            raise UserError(f"--prompts {item}: expected NAME=SPEC, e.g. domain=synth:domain?n=48&seed=7")
+        sets[name] = spec
+    if not sets:
+        raise UserError(f"{run}: the recipe has no eval.prompt_sets; give --prompts NAME=SPEC")
+    results = evaluate_finished_run(loaded, run, sets)
+    print(json.dumps(results, indent=2))
+    print(f"written: {run / 'eval.json'}, {run / 'report.md'}")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from pathlib import Path
+
+    from .publish import publish, push
+
+    run = Path(args.run)
+    out = publish(run, Path(args.out) if args.out else run / "publish", repo=args.push)
+    print(f"published folder: {out}")
+    if args.push:
+        print(f"uploaded: {push(out, args.push)}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pathlib import Path
+
+    from .publish import merge
+
+    out = merge(Path(args.run), Path(args.out), args.scale)
+    print(f"merged cascade: {out} (IFPipeline.from_pretrained('{out}/stage_I'))")
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -69,7 +180,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run}
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "sample": cmd_sample,
+            "eval": cmd_eval, "publish": cmd_publish, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,3 +95,39 @@ def evaluate_variants(cascade, variants, prompt_sets: dict[str, list[Prompt]], s
             results[name][variant.name] = scores if scores is not None else {"n": len(prompts)}
         del sampler
     return results
+
+
+def trained_variant(run: Path, method: str):
+    """The run's result as a sampling variant: its adapters, or its trained UNets."""
+    from .sampling import CascadeVariant
+
+    if method == "full":
+        return CascadeVariant("trained", unets={p.name.split("_", 1)[1]: p / "unet"
+                                                for p in sorted((run / "cascade").glob("stage_*"))})
+    from .publish import run_adapters
+
+    return CascadeVariant("adapted", adapters=run_adapters(run))
+
+
+def evaluate_run_dir(run: Path, cascade, spec, prompt_specs: dict[str, str], trained,
+                     progress=None, say=print) -> dict:
+    """Base (when spec.before) and trained variants on each prompt set; writes eval.json."""
+    import time
+
+    from . import atomic
+    from .sampling import CascadeVariant
+
+    prompt_sets = {name: load_prompt_set(value, f"eval.prompt_sets.{name}")
+                   for name, value in prompt_specs.items()}
+    variants = ([CascadeVariant("base")] if spec.before else []) + [trained]
+    started = time.time()
+    results = evaluate_variants(cascade, variants, prompt_sets, settings_from(spec.sample), run,
+                                spec.grid, progress)
+    atomic.write_json(run / "eval.json", {
+        "results": results, "prompt_sets": prompt_specs, "sample": spec.sample.model_dump(),
+        "variants": [v.name for v in variants], "seconds": round(time.time() - started, 1)})
+    for name, by_variant in results.items():
+        say(f"eval {name}: " + "; ".join(
+            f"{v} overall {r['overall']:.0%}" if "overall" in r else f"{v} sampled"
+            for v, r in by_variant.items()))
+    return results

@@ -2,6 +2,8 @@
 prepared at each stage's resolution, with the caption template applied."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,11 @@ class PhaseData:
     pixels: dict[int, torch.Tensor]  # resolution -> (N, 3, S, S) uint8
     rejected: list[Rejection]
     source: str
+    fingerprint: str = ""  # files (paths, sizes, mtimes), preparation settings and caption template
 
     def report(self) -> dict:
-        return {"path": self.source, "usable": len(self.captions), "skipped": len(self.rejected),
+        return {"path": self.source, "fingerprint": self.fingerprint,
+                "usable": len(self.captions), "skipped": len(self.rejected),
                 "skipped_samples": [{"where": r.where, "reason": r.reason} for r in self.rejected]}
 
 
@@ -67,4 +71,6 @@ def load_phase_data(spec, resolutions: list[int], cache_dir: Path, where: str,
         pixels[size] = result.pixels[keep]
         if captions is None:
             captions = [f"{spec.caption_prefix}{result.captions[i]}{spec.caption_suffix}" for i in keep]
-    return PhaseData(captions or [], pixels, rejected, str(spec.path))
+    digest = hashlib.sha256(json.dumps([sorted(p.key for p in prepared.values()), spec.caption_prefix,
+                                        spec.caption_suffix, sorted(usable)]).encode())
+    return PhaseData(captions or [], pixels, rejected, str(spec.path), digest.hexdigest()[:16])

@@ -322,7 +322,8 @@ class Trainer:
         return {"stage": stage, "phase": phase, "method": recipe.method, "rank": recipe.lora.rank, "alpha": recipe.lora.alpha,
                 "target_modules": recipe.lora.target_modules, "recipe": recipe.name,
                 "recipe_hash": self.loaded.hash, "base_cascade": recipe.cascade.model_dump(),
-                "data": data.source, "data_samples": len(data.captions),
+                "data": data.source, "data_fingerprint": data.fingerprint,
+                "data_samples": len(data.captions),
                 "kit_version": library_versions().get("cascade-adaptation-kit")}
 
 
@@ -337,29 +338,30 @@ class _null:
 def evaluate_run(trainer: Trainer, summary: RunSummary) -> None:
     """Sample and judge the recipe's prompt sets with the base cascade (before) and the
     trained one (after); grids under samples/, numbers in eval.json."""
-    from .evaluate import evaluate_variants, load_prompt_set, settings_from
-    from .sampling import CascadeVariant
+    from .evaluate import evaluate_run_dir, trained_variant
 
     spec = trainer.recipe.eval
-    if not spec.prompt_sets:
+    if not spec.prompt_sets or not trainer.main:
         return
-    prompt_sets = {name: load_prompt_set(value, f"eval.prompt_sets.{name}")
-                   for name, value in spec.prompt_sets.items()}
-    trained = (CascadeVariant("adapted", adapters=dict(summary.adapters))
-               if trainer.method.name == "lora" else
-               CascadeVariant("trained", unets={s: p / "unet" for s, p in summary.adapters.items()}))
-    variants = ([CascadeVariant("base")] if spec.before else []) + [trained]
-    started = time.time()
-    results = evaluate_variants(trainer.cascade, variants, prompt_sets, settings_from(spec.sample),
-                                trainer.run.path, spec.grid, trainer.progress)
-    summary.evaluation = results
-    atomic.write_json(trainer.run / "eval.json", {
-        "results": results, "prompt_sets": spec.prompt_sets, "sample": spec.sample.model_dump(),
-        "variants": [v.name for v in variants], "seconds": round(time.time() - started, 1)})
-    for name, by_variant in results.items():
-        trainer.say(f"eval {name}: " + "; ".join(
-            f"{v} overall {r['overall']:.0%}" if "overall" in r else f"{v} sampled"
-            for v, r in by_variant.items()))
+    summary.evaluation = evaluate_run_dir(
+        trainer.run.path, trainer.cascade, spec, spec.prompt_sets,
+        trained_variant(trainer.run.path, trainer.method.name), trainer.progress, trainer.say)
+
+
+def evaluate_finished_run(loaded, run: Path, prompt_sets: dict[str, str]) -> dict:
+    """`finetune eval RUN`: the same evaluation on a finished run, then its report again."""
+    from .evaluate import evaluate_run_dir, trained_variant
+    from .report import write_report
+
+    recipe = loaded.recipe
+    cache_dir = Path(recipe.cache_dir).expanduser() if recipe.cache_dir else default_cache_dir()
+    cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
+                                recipe.cascade.revision, cache_dir)
+    results = evaluate_run_dir(run, cascade, recipe.eval, prompt_sets,
+                               trained_variant(run, recipe.method),
+                               lambda n, d: tqdm(total=n, desc=d, leave=False), tqdm.write)
+    write_report(run)
+    return results
 
 
 def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSummary:

@@ -135,3 +135,27 @@ def test_image_grid_tiles_row_by_row():
     assert grid.size == (11, 11)
     assert grid.getpixel((1, 1)) == (255, 0, 0) and grid.getpixel((6, 1))[1] > 100
     assert grid.getpixel((1, 6)) == (0, 0, 255) and grid.getpixel((6, 6)) == (255, 255, 255)
+
+
+def test_sample_command_writes_pngs_and_a_grid(adapted_run, tmp_path):
+    from PIL import Image
+
+    from finetune.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", str(adapted_run.run_dir), "--prompt", "a red star at the center",
+                 "--num", "2", "--steps", "2", "--steps-II", "2", "--out", str(out)]) == 0
+    assert Image.open(out / "0000.png").size == (64, 64)
+    assert (out / "0001.png").exists() and (out / "grid.png").exists()
+    assert main(["sample", "--prompt", "x", "--out", str(out)]) == 2  # neither run nor cascade
+
+
+def test_eval_command_adds_prompt_sets_and_rewrites_the_report(adapted_run):
+    from finetune.cli import main
+
+    run = adapted_run.run_dir
+    assert main(["eval", str(run), "--prompts", "general=synth:general?n=2&seed=1"]) == 0
+    data = json.loads((run / "eval.json").read_text())
+    assert set(data["results"]) == {"domain", "general"}
+    assert data["results"]["general"]["adapted"]["n"] == 2
+    assert "synth:general?n=2&seed=1" in (run / "report.md").read_text()
