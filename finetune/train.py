@@ -20,6 +20,7 @@ from .cascade import Cascade, default_cache_dir
 from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
 from .ema import EMA
 from .errors import UserError
+from .loggers import MetricSinks
 from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .methods import make_method
 from .objective import StageObjective
@@ -57,6 +58,7 @@ class Trainer:
         self.text_cache: TextEmbeddingCache | None = None
         self.method = make_method(self.recipe)
         self.stop: StopRequest | None = None
+        self.sinks = MetricSinks(self.recipe.logging, run.path, {}, enabled=False)
 
     def say(self, message: str) -> None:
         if self.main:
@@ -125,6 +127,8 @@ class Trainer:
             self.method.load_exported(unet, init_from)
         if recipe.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if recipe.train.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
         return unet
 
     def run_unit(self, phase_index: int, stage: str, init_from: Path | None) -> Path:
@@ -143,8 +147,7 @@ class Trainer:
         unet = self.build_unet(stage, init_from)
         params = self.method.trainable(unet)
         ema = EMA(params, recipe.train.ema.decay) if recipe.train.ema.decay > 0 else None
-        optimizer = torch.optim.AdamW(params, lr=lr_spec.start, betas=recipe.optim.betas,
-                                      eps=recipe.optim.eps, weight_decay=recipe.optim.weight_decay)
+        optimizer = make_optimizer(recipe.optim, params, lr_spec.start)
         start = 0
         ckpt = load_latest(self.run / "checkpoints", unit, warn=self.say)
         if ckpt is not None:
@@ -181,6 +184,7 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
             if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
                 self.run.log_metrics(metrics)
+                self.sinks.log(metrics, self.unit_offset(phase_index, stage) + step + 1)
             written = (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps
             if written:
                 self.checkpoint(model, optimizer, unit, step + 1, ema)
@@ -255,6 +259,16 @@ class Trainer:
             totals["grad_norm"] = float(grad_norm)
         return totals
 
+    def unit_offset(self, phase_index: int, stage: str) -> int:
+        """Optimizer steps of all units before this one: the x axis of wandb/TensorBoard."""
+        recipe, total = self.recipe, 0
+        for i, phase in enumerate(recipe.phases):
+            for s in recipe.cascade.stages:
+                if (i, s) == (phase_index, stage):
+                    return total
+                total += phase.steps_for(s)
+        return total
+
     def stop_requested(self) -> bool:
         if self.stop is None:
             return False
@@ -327,6 +341,18 @@ class Trainer:
                 "kit_version": library_versions().get("cascade-adaptation-kit")}
 
 
+def make_optimizer(spec, params, lr: float):
+    """AdamW, or bitsandbytes' 8-bit AdamW (same hyper-parameters, 8-bit state)."""
+    kwargs = dict(lr=lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.name: adamw8bit needs bitsandbytes: pip install -e '.[gpu]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 class _null:
     def __enter__(self):
         return self
@@ -385,6 +411,15 @@ def _run(loaded, acc, run: RunDir, stop: StopRequest, started: float) -> RunSumm
                                 recipe.cascade.revision, cache_dir)
     trainer = Trainer(loaded, run, acc, cascade, cache_dir)
     trainer.stop = stop
+    trainer.sinks = MetricSinks(recipe.logging, run.path, loaded.resolved, enabled=acc.is_main_process)
+    try:
+        return _train_and_finish(trainer, acc, run, cascade, started)
+    finally:
+        trainer.sinks.close()
+
+
+def _train_and_finish(trainer: Trainer, acc, run: RunDir, cascade: Cascade, started: float) -> RunSummary:
+    recipe = trainer.recipe
     trainer.prepare_data()
     done = run.completed_units()
     latest: dict[str, Path] = {}

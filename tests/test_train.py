@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from finetune.cli import main
+from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from finetune.train import run_recipe
 
@@ -191,3 +192,54 @@ def test_full_method_trains_every_weight_resumes_and_writes_a_pipeline_folder(re
     (run / "progress.json").write_text(json.dumps(progress))
     assert main(["run", str(path), "--resume"]) == 0
     assert _same(exported, load_file(str(run / "phases/domain/stage_I" / weights)))
+
+
+def test_metrics_also_go_to_wandb_offline_and_tensorboard(recipe_factory, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    path = recipe_factory(steps=2, general_steps=2,
+                          extra="logging: {wandb: {enabled: true, mode: offline}, tensorboard: true}")
+    run = run_recipe(load_recipe(path)).run_dir
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("domain-stage_I/loss")
+    assert [e.step for e in losses] == [3, 4]  # after the general phase's 2 steps
+
+
+def test_missing_logging_package_is_a_clear_error(recipe_factory, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    path = recipe_factory(steps=1, extra="logging: {wandb: {enabled: true}}")
+    from finetune.loggers import MetricSinks
+
+    with pytest.raises(UserError, match="logging.wandb: the wandb package is not installed"):
+        MetricSinks(load_recipe(path).recipe.logging, path.parent, {})
+
+
+@pytest.mark.parametrize("setting,package", [("optim.name=adamw8bit", "bitsandbytes"),
+                                             ("train.attention=xformers", "xformers"),
+                                             ("logging.wandb.enabled=true", "wandb")])
+def test_optional_packages_asked_for_but_missing_fail_before_anything_is_written(
+        recipe_factory, monkeypatch, capsys, setting, package):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    path = recipe_factory(steps=1)
+    assert main(["run", str(path), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert f"needs the {package} package, which is not installed" in err and "--set: " in err
+    assert not Path(load_recipe(path).recipe.output_dir).exists()

@@ -2,6 +2,7 @@
 holds the stages the recipe adapts. No model is loaded here."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from ..errors import UserError
@@ -31,6 +32,14 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
         if not Path(data_path).expanduser().is_dir():
             problems.append((("phases", i, "data", "path"),
                              f"dataset folder '{data_path}' does not exist"))
+    for key, wanted, package, extra in [
+            (("optim", "name"), recipe.optim.name == "adamw8bit", "bitsandbytes", "gpu"),
+            (("train", "attention"), recipe.train.attention == "xformers", "xformers", "gpu"),
+            (("logging", "wandb", "enabled"), recipe.logging.wandb.enabled, "wandb", "wandb"),
+            (("logging", "tensorboard"), recipe.logging.tensorboard, "tensorboard", "tensorboard")]:
+        if wanted and importlib.util.find_spec(package) is None:
+            problems.append((key, f"needs the {package} package, which is not installed: "
+                                  f"pip install -e '.[{extra}]', or turn this off"))
     for name, prompts in recipe.eval.prompt_sets.items():
         try:
             load_prompt_set(prompts)

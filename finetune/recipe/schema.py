@@ -68,6 +68,8 @@ class LRSpec(Strict):
 
 
 class OptimSpec(Strict):
+    name: Literal["adamw", "adamw8bit"] = Field("adamw", description=(
+        "adamw8bit keeps optimizer state in 8 bits (bitsandbytes, CUDA): less memory for large LoRA or full training."))
     batch_size: int = Field(16, ge=1, description="Global batch per optimizer step, across processes and accumulation.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; lowers memory at equal batch.")
     lr: LRSpec = Field(default_factory=LRSpec)
@@ -137,6 +139,8 @@ class TrainSpec(Strict):
         "With on_nonfinite: skip, stop anyway after this many skipped steps in one unit."))
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    attention: Literal["default", "xformers"] = Field("default", description=(
+        "xformers: memory-efficient attention kernels (CUDA, pip install -e '.[gpu]')."))
     gradient_checkpointing: bool = Field(False, description="True reduces activation memory at about 30% more compute.")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -164,6 +168,19 @@ class EvalSpec(Strict):
     sample: SampleSpec = Field(default_factory=SampleSpec)
 
 
+class WandbSpec(Strict):
+    enabled: bool = False
+    project: str = "cascade-adaptation"
+    entity: str | None = None
+    mode: Literal["offline", "online"] = Field("offline", description=(
+        "offline writes under the run directory with no account or network (`wandb sync` later)."))
+
+
+class LoggingSpec(Strict):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to RUN/tensorboard.")
+
+
 class Recipe(Strict):
     name: str = Field(..., min_length=1)
     seed: int = Field(0, ge=0)
@@ -177,6 +194,8 @@ class Recipe(Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     phases: list[PhaseSpec] = Field(..., min_length=1)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description=(
+        "Metrics always go to RUN/metrics.jsonl; these add wandb and TensorBoard."))
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training (and of the base before it).")
 
     def check(self) -> list[tuple[tuple, str]]:
