@@ -187,4 +187,21 @@ def markdown_to_html(text: str, title: str) -> str:
              "td,th{border:1px solid #ccc;padding:4px 8px}img{image-rendering:pixelated;max-width:100%}"
              "pre{background:#f4f4f4;padding:1em;overflow:auto}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + f"\n<script>{CHECK_IMAGES}</script>"
+            "\n</body></html>\n")
+
+
+# Marks images that did not load (moved or deleted files) where the reader sees them, and
+# counts loaded/broken images on <body> (what the headless-browser test reads).
+CHECK_IMAGES = """
+window.addEventListener('load', () => {
+  let ok = 0, broken = 0;
+  for (const img of document.images) {
+    if (img.complete && img.naturalWidth > 0) { ok++; continue; }
+    broken++;
+    img.insertAdjacentHTML('afterend', '<b style="color:#c00"> missing image: ' + img.getAttribute('src') + '</b>');
+  }
+  document.body.dataset.imagesOk = ok;
+  document.body.dataset.imagesBroken = broken;
+});
+"""

@@ -159,3 +159,27 @@ def test_eval_command_adds_prompt_sets_and_rewrites_the_report(adapted_run):
     assert set(data["results"]) == {"domain", "general"}
     assert data["results"]["general"]["adapted"]["n"] == 2
     assert "synth:general?n=2&seed=1" in (run / "report.md").read_text()
+
+
+def test_html_report_renders_its_images_and_table_in_headless_chromium(adapted_run, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
+    copy = tmp_path / "run"
+    shutil.copytree(adapted_run.run_dir, copy)
+
+    def render() -> str:
+        return subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+             "--dump-dom", (copy / "report.html").as_uri()],
+            capture_output=True, text=True, timeout=120).stdout
+
+    dom = render()
+    images = (copy / "report.md").read_text().count("![")
+    assert f'data-images-ok="{images}"' in dom and 'data-images-broken="0"' in dom
+    assert "<td>adapted</td>" in dom and "<th>overall</th>" in dom
+    (copy / "samples" / "base" / "domain.png").unlink()  # the check itself can fail
+    assert 'data-images-broken="1"' in render()
