@@ -14,22 +14,53 @@ from finetune.errors import UserError
 
 
 def cmd_inspect(args) -> int:
-    from .ingest import ingest
-    from .prepare import prepare
+    from finetune.phase_data import load_phase_data
+    from finetune.recipe.schema import DataSpec
+    from finetune.text_cache import MAX_LENGTH
 
-    found = ingest(args.path, args.format, args.caption_column)
-    prepared = prepare(found.records, args.resolution, cache_dir=None)
-    rejected = found.rejected + prepared.rejected
-    report = {"path": args.path, "listed": len(found.records) + len(found.rejected),
-              "usable": len(prepared.captions), "skipped": len(rejected),
-              "skipped_samples": [{"where": r.where, "reason": r.reason} for r in rejected]}
+    from .analysis import token_overflow
+
+    spec = DataSpec(path=args.path, format=args.format, caption_column=args.caption_column,
+                    image_column=args.image_column, split=args.split, too_small=args.too_small,
+                    dedupe=args.dedupe)
+    data = load_phase_data(spec, [args.resolution], None, args.path, enforce=False)
+    tokenizer, source = _tokenizer(args.cascade)
+    for i, (tokens, lost) in token_overflow(data.captions, tokenizer, MAX_LENGTH).items():
+        data.warnings.append({"where": data.wheres[i], "warning": (
+            f"caption has {tokens} tokens ({source}), the text encoder reads {MAX_LENGTH}: {lost} lost")})
+    report = dict(data.report(), resolution=args.resolution, tokenizer=source)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"{args.path}: {report['usable']} usable, {report['skipped']} skipped")
-        for r in rejected:
-            print(f"  skip {r.where}: {r.reason}")
+        return 0
+    print(f"{args.path}: {report['usable']} usable, {report['skipped']} skipped, "
+          f"{len(report['warnings'])} warning(s) (at {args.resolution}px)")
+    if report["skipped_samples"]:
+        print(_table(["skipped", "reason"], [[r["where"], r["reason"]] for r in report["skipped_samples"]]))
+    if report["warnings"]:
+        print(_table(["used, but", "warning"], [[w["where"], w["warning"]] for w in report["warnings"]]))
+    stats = report["stats"]
+    if stats:
+        rows = [[name, f"{v['min']:.3g}", f"{v['median']:.3g}", f"{v['max']:.3g}"]
+                for name, v in stats.items() if isinstance(v, dict) and v]
+        print(_table(["statistic", "min", "median", "max"], rows))
+        print("most frequent words: " + ", ".join(f"{w} ({n})" for w, n in stats["top_words"]))
     return 0
+
+
+def _tokenizer(cascade: str | None):
+    if cascade:
+        from finetune.cascade import Cascade
+
+        return Cascade.from_spec(cascade).load_tokenizer(), f"tokenizer of {cascade}"
+    from finetune.tiny_tokenizer import build_tokenizer
+
+    return build_tokenizer(), "the kit's tiny tokenizer; pass --cascade for yours"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def cmd_synth(args) -> int:
@@ -68,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="check a dataset folder")
     ins.add_argument("path")
-    ins.add_argument("--format", default="auto", choices=["auto", "imagefolder", "pairs"])
+    ins.add_argument("--format", default="auto", choices=["auto", "imagefolder", "pairs", "parquet", "save_to_disk"])
     ins.add_argument("--caption-column", default=None)
-    ins.add_argument("--resolution", type=int, default=64)
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--image-column", default=None)
+    ins.add_argument("--split", default="train", help="split of a saved DatasetDict")
+    ins.add_argument("--resolution", type=int, default=64, help="the stage resolution to check against")
+    ins.add_argument("--too-small", default="upscale", choices=["upscale", "skip"])
+    ins.add_argument("--dedupe", default="exact", choices=["off", "exact", "near"])
+    ins.add_argument("--cascade", default=None, help="cascade whose tokenizer counts caption tokens")
+    ins.add_argument("--json", action="store_true", help="the report as JSON")
     syn = sub.add_parser("synth", help="write a synthetic benchmark split")
     syn.add_argument("out")
     syn.add_argument("--split", default="general")

@@ -53,7 +53,8 @@ def load_rgb(path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageProblem(f"image too large to decode safely ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        size = path.stat().st_size if hasattr(path, "stat") else None
+        size = path.stat().st_size if hasattr(path, "stat") else len(path.getbuffer()) \
+            if hasattr(path, "getbuffer") else None
         if size == 0:
             raise ImageProblem("empty file (0 bytes)") from None
         raise ImageProblem(f"unreadable or truncated image ({exc})") from None

@@ -10,6 +10,7 @@ and an edited file is prepared again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from finetune.atomic import atomic_path
 from .images import ImageProblem, load_rgb, resize_center_crop
 from .ingest import Record, Rejection
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: original sizes kept
 
 
 @dataclass
@@ -34,23 +35,28 @@ class Prepared:
     wheres: list[str]
     rejected: list[Rejection] = field(default_factory=list)
     from_cache: bool = False
+    sizes: list = field(default_factory=list)  # original (width, height) of each usable image
     key: str = ""                   # fingerprint of the files (paths, sizes, mtimes) and settings
 
 
 def _cache_key(records: list[Record], resolution: int, too_small: str) -> str:
     digest = hashlib.sha256(f"v{PREPARE_VERSION}:{resolution}:{too_small}".encode())
     for rec in records:
+        if rec.data is not None:
+            digest.update(f"{rec.where}|{hashlib.sha1(rec.data).hexdigest()}|{rec.caption}\n".encode())
+            continue
         stat = rec.image.stat()
         digest.update(f"{rec.image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{rec.caption}\n".encode())
     return digest.hexdigest()[:24]
 
 
-def decode_record(rec: Record, resolution: int, too_small: str = "upscale") -> np.ndarray:
-    img = load_rgb(rec.image)
+def decode_record(rec: Record, resolution: int, too_small: str = "upscale") -> tuple[np.ndarray, tuple[int, int]]:
+    """(3, S, S) uint8 pixels and the original (width, height)."""
+    img = load_rgb(io.BytesIO(rec.data) if rec.data is not None else rec.image)
     if min(img.size) < resolution and too_small == "skip":
         raise ImageProblem(f"too small ({img.size[0]}x{img.size[1]}) for resolution {resolution}"
                            " (data.too_small: upscale to keep it)")
-    return np.asarray(resize_center_crop(img, resolution), dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(resize_center_crop(img, resolution), dtype=np.uint8).transpose(2, 0, 1), img.size
 
 
 def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
@@ -62,11 +68,14 @@ def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
             meta = json.loads(handle.metadata()["prepared"])
             pixels = handle.get_tensor("pixels")
         return Prepared(pixels, meta["captions"], meta["wheres"],
-                        [Rejection(**r) for r in meta["rejected"]], from_cache=True, key=key)
-    arrays, captions, wheres, rejected = [], [], [], []
+                        [Rejection(**r) for r in meta["rejected"]], from_cache=True,
+                        sizes=[tuple(s) for s in meta["sizes"]], key=key)
+    arrays, captions, wheres, rejected, sizes = [], [], [], [], []
     for rec in records:
         try:
-            arrays.append(decode_record(rec, resolution, too_small))
+            array, size = decode_record(rec, resolution, too_small)
+            arrays.append(array)
+            sizes.append(size)
             captions.append(rec.caption)
             wheres.append(rec.where)
         except ImageProblem as exc:
@@ -75,11 +84,11 @@ def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
             progress.update(1)
     pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
     if cache_file is not None:
-        meta = {"captions": captions, "wheres": wheres,
+        meta = {"captions": captions, "wheres": wheres, "sizes": sizes,
                 "rejected": [r.__dict__ for r in rejected]}
         with atomic_path(cache_file) as tmp:
             save_file({"pixels": pixels.contiguous()}, str(tmp), metadata={"prepared": json.dumps(meta)})
-    return Prepared(pixels, captions, wheres, rejected, key=key)
+    return Prepared(pixels, captions, wheres, rejected, sizes=sizes, key=key)
 
 
 def to_model_range(pixels_uint8: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def make_plan(loaded) -> str:
         lines.append("method full: every UNet weight trains")
     for phase in recipe.phases:
         found = ingest(resolve_data_path(phase.data, cache_dir), phase.data.format,
-                       phase.data.caption_column, phase.data.image_column)
+                       phase.data.caption_column, phase.data.image_column, phase.data.split)
         work = ", ".join(f"stage {s} {phase.steps_for(s)} steps x batch "
                          f"{phase.batch_for(s, recipe.optim.batch_size)}" for s in recipe.cascade.stages)
         lines.append(f"phase {phase.name}: {len(found.records)} samples listed "

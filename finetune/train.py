@@ -14,20 +14,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data_tools.analysis import token_overflow
+
 from . import atomic
 from .batches import BatchOrder, derive_seed, local_slice
 from .cascade import Cascade, default_cache_dir
 from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
 from .ema import EMA
 from .errors import UserError
-from .loggers import MetricSinks
 from .guards import StopRequest, Stopped, resource_errors, run_lock
+from .loggers import MetricSinks
 from .methods import make_method
 from .objective import StageObjective
 from .phase_data import PhaseData, load_phase_data
 from .rundir import RunDir
 from .schedule import set_lr, step_decay_lr
-from .text_cache import TextEmbeddingCache, tokenizer_settings
+from .text_cache import MAX_LENGTH, TextEmbeddingCache, tokenizer_settings
 
 
 @dataclass
@@ -79,9 +81,17 @@ class Trainer:
             report[phase.name] = data.report()
             self.say(f"phase {phase.name}: {len(data.captions)} samples"
                      + (f", {len(data.rejected)} skipped (see data_report.json)" if data.rejected else ""))
+        tokenizer = self.cascade.load_tokenizer()
+        for name, data in self.phase_data.items():
+            long = token_overflow(data.captions, tokenizer, MAX_LENGTH)
+            for i, (tokens, lost) in long.items():
+                report[name]["warnings"].append({"where": data.wheres[i], "warning": (
+                    f"caption has {tokens} tokens, the text encoder reads {MAX_LENGTH}: {lost} lost")})
+            if long:
+                self.say(f"phase {name}: {len(long)} caption(s) longer than {MAX_LENGTH} tokens are"
+                         " truncated (see data_report.json)")
         if self.main:
             atomic.write_json(self.run / "data_report.json", report)
-        tokenizer = self.cascade.load_tokenizer()
         self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),
                                              tokenizer_settings(tokenizer))
         captions = sorted({c for d in self.phase_data.values() for c in d.captions})

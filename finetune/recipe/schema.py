@@ -81,12 +81,20 @@ class OptimSpec(Strict):
 
 class DataSpec(Strict):
     path: str = Field(..., description="Dataset folder. Example: path: data/domain")
-    format: Literal["auto", "imagefolder", "pairs"] = "auto"
+    format: Literal["auto", "imagefolder", "pairs", "parquet", "save_to_disk"] = Field("auto", description=(
+        "auto picks by what the folder holds (save_to_disk files, metadata.jsonl/csv, *.parquet, else pairs)."))
     caption_column: str | None = Field(None, description="Caption column of metadata files (default: text/caption/prompt).")
-    image_column: str = "file_name"
+    image_column: str | None = Field(None, description="Image column: file_name (imagefolder) or image (parquet, save_to_disk) by default.")
+    split: str = Field("train", description="Split of a saved DatasetDict.")
     on_bad_sample: Literal["skip", "fail"] = Field("skip", description="skip: report and leave out; fail: stop before training.")
     min_samples: int = Field(1, ge=1, description="Fail before training when fewer usable samples remain.")
     too_small: Literal["upscale", "skip"] = "upscale"
+    dedupe: Literal["off", "exact", "near"] = Field("exact", description=(
+        "Leave out repeated images: exact copies, or also near-duplicates (perceptual hash)."
+        " Near-duplicates are always listed in the data report."))
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Held out for validation loss (train.validate_every); chosen by a hash of each sample's"
+        " location, so the split is stable when data is added."))
     flip: bool = Field(False, description="Random horizontal flips (not for data with text or left/right captions).")
     caption_prefix: str = ""
     caption_suffix: str = ""
