@@ -94,7 +94,9 @@ class Trainer:
             atomic.write_json(self.run / "data_report.json", report)
         self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),
                                              tokenizer_settings(tokenizer))
-        captions = sorted({c for d in self.phase_data.values() for c in d.captions})
+        captions = sorted({c for d in self.phase_data.values() for c in d.captions}
+                          | {c for d in self.phase_data.values() if d.validation for c in d.validation.captions}
+                          | set(self.recipe.train.sample_prompts))
         if self.main:
             todo = len(self.text_cache.missing(captions))
             bar = self.progress(todo, "encode captions")
@@ -105,18 +107,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.text_cache.reload()  # other processes re-read the shards the main one wrote
 
-    def objective(self, stage: str) -> StageObjective:
+    def objective(self, stage: str, phase=None) -> StageObjective:
         train = self.recipe.train
+        vlb_weight = train.vlb_weight
+        if phase is not None and phase.loss.vlb_weight is not None:
+            vlb_weight = phase.loss.vlb_weight
         scheduler = self.cascade.load_scheduler(stage)
         if not self.cascade.is_super_resolution(stage):
-            return StageObjective(scheduler, variance=train.variance, vlb_weight=train.vlb_weight)
+            return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
         low = train.stage_II.low_size
         if low is None:
             low = (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs
                    else self.cascade.resolution(stage) // 4)
         return StageObjective(scheduler, self.cascade.load_image_noising_scheduler(stage), low,
                               train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
-                              train.variance, train.vlb_weight)
+                              train.variance, vlb_weight)
 
     # ------------------------------------------------------------------ one unit
     def schedule_offset(self, phase_index: int, stage: str) -> int:
@@ -126,13 +131,17 @@ class Trainer:
         return sum(p.steps_for(stage) for p in self.recipe.phases[:phase_index]
                    if p.lr is None)
 
-    def build_unet(self, stage: str, init_from: Path | None):
+    def build_unet(self, stage: str, init_from: Path | None, phase=None):
         """The stage's UNet ready to train: the method applied, started from the previous
         phase's result when there is one."""
         recipe = self.recipe
         unet = self.cascade.load_unet(stage)
         torch.manual_seed(derive_seed(recipe.seed, "lora-init", stage))
-        self.method.prepare(unet, stage)
+        method = self.method
+        if phase is not None and phase.lora_dropout is not None and method.name == "lora":
+            method = make_method(recipe.model_copy(update={"lora": recipe.lora.model_copy(
+                update={"dropout": phase.lora_dropout})}))
+        method.prepare(unet, stage)
         if init_from is not None:
             self.method.load_exported(unet, init_from)
         if recipe.train.gradient_checkpointing:
@@ -154,7 +163,7 @@ class Trainer:
             raise UserError(f"phases.{phase_index}: batch size {batch} must be divisible by "
                             f"processes x grad_accum ({world} x {recipe.optim.grad_accum})")
         lr_spec = phase.lr or recipe.optim.lr
-        unet = self.build_unet(stage, init_from)
+        unet = self.build_unet(stage, init_from, phase)
         params = self.method.trainable(unet)
         ema = EMA(params, recipe.train.ema.decay) if recipe.train.ema.decay > 0 else None
         optimizer = make_optimizer(recipe.optim, params, lr_spec.start)
@@ -171,19 +180,20 @@ class Trainer:
             self.run.truncate_metrics(unit, start)
         unet.train()
         model, optimizer = self.acc.prepare(unet, optimizer)
-        objective = self.objective(stage)
+        objective = self.objective(stage, phase)
         order = BatchOrder(len(data.captions), batch, recipe.seed, unit)
         offset = self.schedule_offset(phase_index, stage)
         bar = tqdm(range(start, steps), initial=start, total=steps,
                    desc=f"{phase.name} stage {stage}", disable=not self.main)
         skipped = 0
+        caption_dropout = phase.loss.caption_dropout
         for step in bar:
             lr = step_decay_lr(offset + step, lr_spec.start, lr_spec.end, lr_spec.decay_every,
                                lr_spec.decay_factor, lr_spec.warmup_steps)
             set_lr(optimizer, lr)
             with resource_errors(f"{unit} step {step + 1}"):
                 metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
-                                    phase.data.flip)
+                                    phase.data.flip, caption_dropout)
             if metrics["skipped"]:
                 skipped += 1
                 self.on_nonfinite(unit, step + 1, skipped)
@@ -192,7 +202,14 @@ class Trainer:
             metrics["skipped_total"] = skipped
             metrics.update(unit=unit, phase=phase.name, stage=stage, step=step + 1, lr=lr)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.1e}")
-            if self.main and ((step + 1) % recipe.train.log_every == 0 or step + 1 == steps):
+            last = step + 1 == steps
+            every = recipe.train.validate_every
+            if data.validation is not None and (last or (every and (step + 1) % every == 0)):
+                metrics["val_loss"] = self.validation_loss(model, objective, data.validation, stage, unit)
+            every = recipe.train.sample_every
+            if every and ((step + 1) % every == 0 or last) and self.main:
+                self.progress_samples(model, stage, data, unit, step + 1)
+            if self.main and ((step + 1) % recipe.train.log_every == 0 or last or "val_loss" in metrics):
                 self.run.log_metrics(metrics)
                 self.sinks.log(metrics, self.unit_offset(phase_index, stage) + step + 1)
             written = (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps
@@ -215,7 +232,7 @@ class Trainer:
         return out_dir
 
     def step(self, model, optimizer, objective, order: BatchOrder, pixels, captions, step,
-             use_flip: bool = False):
+             use_flip: bool = False, caption_dropout: float | None = None):
         """One optimizer step over the global batch (this process's share, in micro-batches)."""
         from data_tools.prepare import to_model_range
 
@@ -225,7 +242,9 @@ class Trainer:
         idx = order.indices(step)
         size = pixels.shape[-1]
         draws = objective.draw((len(idx), 3, size, size), gen)
-        drop = torch.rand(len(idx), generator=gen) < recipe.train.caption_dropout
+        if caption_dropout is None:
+            caption_dropout = recipe.train.caption_dropout
+        drop = torch.rand(len(idx), generator=gen) < caption_dropout
         flip = torch.rand(len(idx), generator=gen) < 0.5
         mine = local_slice(len(idx), self.acc.process_index, self.acc.num_processes)
         accum = recipe.optim.grad_accum
@@ -313,6 +332,77 @@ class Trainer:
         with ema.swapped():
             self.method.export(unet, out_dir if use_ema else beside,
                                dict(provenance, weights="ema", ema_decay=ema.decay))
+
+    @torch.no_grad()
+    def validation_loss(self, model, objective, held: PhaseData, stage: str, unit: str) -> float:
+        """Mean denoising loss on the held-out split with fixed noise and timesteps (the same
+        draws at every evaluation, so the curve moves only with the weights); no caption
+        dropout. Each process takes its share; the mean is reduced across processes."""
+        from data_tools.prepare import to_model_range
+
+        pixels = held.pixels[self.cascade.resolution(stage)]
+        gen = torch.Generator().manual_seed(derive_seed(self.recipe.seed, "validation", unit))
+        draws = objective.draw(tuple(pixels.shape), gen)
+        mine = local_slice(len(pixels), self.acc.process_index, self.acc.num_processes)
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, device=self.acc.device)
+        batch = self.recipe.optim.batch_size
+        for start in range(mine.start, mine.stop, batch):
+            part = list(range(start, min(start + batch, mine.stop)))
+            images = to_model_range(pixels[part]).to(self.acc.device)
+            embeds = self.text_cache.get([held.captions[i] for i in part]).to(self.acc.device)
+            with self.acc.autocast():
+                loss, _ = objective.loss(model, images, embeds, {k: v[part] for k, v in draws.items()})
+            total += torch.stack([loss.float().sum(), torch.tensor(float(len(part)), device=self.acc.device)])
+        if self.acc.num_processes > 1:
+            total = self.acc.reduce(total, reduction="sum")
+        model.train(was_training)
+        return float(total[0] / total[1].clamp(min=1))
+
+    @torch.no_grad()
+    def progress_samples(self, model, stage: str, data: PhaseData, unit: str, step: int) -> None:
+        """A grid of what the stage makes now: stage I from the sample prompts, a
+        super-resolution stage from down-sampled training images. Text embeddings come from
+        the cache (the text encoder is not loaded)."""
+        from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+        from .evaluate import save_png
+        from .sampling import _generators, image_grid
+
+        prompts = self.sample_prompts(data)
+        embeds = self.text_cache.get(prompts).to(self.acc.device)
+        negative = self.text_cache.get([""] * len(prompts)).to(self.acc.device)
+        unet = self.acc.unwrap_model(model)
+        was_training = unet.training
+        unet.eval()
+        common = dict(tokenizer=None, text_encoder=None, unet=unet, scheduler=self.cascade.load_scheduler(stage),
+                      safety_checker=None, feature_extractor=None, watermarker=None,
+                      requires_safety_checker=False)
+        sample = self.recipe.eval.sample
+        generators = _generators(sample.seed, 0, len(prompts))
+        if self.cascade.is_super_resolution(stage):
+            from data_tools.prepare import to_model_range
+
+            pipe = IFSuperResolutionPipeline(image_noising_scheduler=self.cascade.load_image_noising_scheduler(stage), **common)
+            size = self.cascade.resolution(stage)
+            low_size = self.recipe.train.stage_II.low_size or (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs else size // 4)
+            originals = to_model_range(data.pixels[size][:len(prompts)]).to(self.acc.device)
+            low = torch.nn.functional.interpolate(originals, size=low_size, mode="bilinear", antialias=True)
+            pipe.set_progress_bar_config(disable=True)
+            out = pipe(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                       num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
+                       noise_level=sample.noise_level, generator=generators, output_type="pil").images
+        else:
+            pipe = IFPipeline(**common)
+            pipe.set_progress_bar_config(disable=True)
+            out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=sample.steps,
+                       guidance_scale=sample.guidance_scale, generator=generators, output_type="pil").images
+        unet.train(was_training)
+        save_png(image_grid(out), self.run / "samples" / "progress" / f"{unit}-step_{step:06d}.png")
+
+    def sample_prompts(self, data: PhaseData) -> list[str]:
+        return list(self.recipe.train.sample_prompts) or data.captions[:4]
 
     def all_finite(self, loss: float, params) -> bool:
         """Loss and every gradient finite, agreed by all processes (they must skip together)."""

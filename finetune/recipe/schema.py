@@ -100,6 +100,11 @@ class DataSpec(Strict):
     caption_suffix: str = ""
 
 
+class PhaseLossSpec(Strict):
+    caption_dropout: float | None = Field(None, ge=0.0, le=1.0, description="Overrides train.caption_dropout in this phase.")
+    vlb_weight: float | None = Field(None, ge=0.0, description="Overrides train.vlb_weight in this phase.")
+
+
 class PhaseSpec(Strict):
     name: str = Field(..., min_length=1, description="general, domain, ... (free, order kept)")
     data: DataSpec
@@ -108,6 +113,10 @@ class PhaseSpec(Strict):
     batch_size: PerStageCount | None = Field(None, description=(
         "Overrides optim.batch_size for this phase: one number, or per stage {I: 32, II: 16}."))
     lr: LRSpec | None = Field(None, description="Overrides optim.lr for this phase (implies a restart).")
+    loss: PhaseLossSpec = Field(default_factory=PhaseLossSpec, description="Loss settings of this phase only.")
+    lora_dropout: float | None = Field(None, ge=0.0, lt=1.0, description=(
+        "Overrides lora.dropout in this phase (rank, alpha and targets stay: the phase continues"
+        " the previous phase's adapter)."))
 
     def steps_for(self, stage: str) -> int:
         return self.steps if isinstance(self.steps, int) else self.steps.get(stage, 0)
@@ -145,6 +154,12 @@ class TrainSpec(Strict):
         " the run naming the step and the last good checkpoint."))
     max_skipped_steps: int = Field(20, ge=0, description=(
         "With on_nonfinite: skip, stop anyway after this many skipped steps in one unit."))
+    validate_every: int = Field(0, ge=0, description=(
+        "Validation loss on the phase's held-out split (data.validation_fraction) every N steps"
+        " and at the end of each unit; 0 = only at the end."))
+    sample_every: int = Field(0, ge=0, description="Sample grids of train.sample_prompts every N steps (0 = off).")
+    sample_prompts: list[str] = Field(default_factory=list, description=(
+        "Prompts for the progress grids (default: the phase's first captions)."))
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
     attention: Literal["default", "xformers"] = Field("default", description=(
