@@ -262,6 +262,11 @@ class Cascade:
         return UNet2DConditionModel.from_pretrained(self.stage_dirs[stage], subfolder="unet",
                                                     torch_dtype=dtype, use_safetensors=True)
 
+    def text_dim(self) -> int:
+        """Width of the text encoder's output (T5: d_model)."""
+        config = json.loads((self._text_dir() / "text_encoder" / "config.json").read_text())
+        return int(config.get("d_model") or config["hidden_size"])
+
     def unet_config(self, stage: str) -> dict:
         return json.loads((self.stage_dirs[stage] / "unet" / "config.json").read_text())
 

@@ -20,6 +20,7 @@ from . import atomic
 from .batches import BatchOrder, derive_seed, local_slice
 from .cascade import Cascade, default_cache_dir
 from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
+from .contrastive import DEFAULT_SWAPS, ContrastiveTerm, all_hard_negatives, contrastive_weight
 from .ema import EMA
 from .errors import UserError
 from .guards import StopRequest, Stopped, resource_errors, run_lock
@@ -60,6 +61,7 @@ class Trainer:
         self.text_cache: TextEmbeddingCache | None = None
         self.method = make_method(self.recipe)
         self.stop: StopRequest | None = None
+        self.contrast: ContrastiveTerm | None = None
         self.sinks = MetricSinks(self.recipe.logging, run.path, {}, enabled=False)
 
     def say(self, message: str) -> None:
@@ -97,6 +99,9 @@ class Trainer:
         captions = sorted({c for d in self.phase_data.values() for c in d.captions}
                           | {c for d in self.phase_data.values() if d.validation for c in d.validation.captions}
                           | set(self.recipe.train.sample_prompts))
+        spec = self.recipe.losses.contrastive
+        if spec.kind == "denoising" and spec.hard_negatives:
+            captions = sorted(set(captions) | all_hard_negatives(captions, spec.swap_words or DEFAULT_SWAPS))
         if self.main:
             todo = len(self.text_cache.missing(captions))
             bar = self.progress(todo, "encode captions")
@@ -166,11 +171,18 @@ class Trainer:
         unet = self.build_unet(stage, init_from, phase)
         params = self.method.trainable(unet)
         ema = EMA(params, recipe.train.ema.decay) if recipe.train.ema.decay > 0 else None
+        self.contrast = None
+        if recipe.losses.contrastive.kind != "off":
+            self.contrast = ContrastiveTerm(recipe.losses.contrastive, unet, self.cascade.text_dim(),
+                                            derive_seed(recipe.seed, unit, "contrastive-heads")).to(self.acc.device)
+            params = params + self.contrast.parameters()
         optimizer = make_optimizer(recipe.optim, params, lr_spec.start)
         start = 0
         ckpt = load_latest(self.run / "checkpoints", unit, warn=self.say)
         if ckpt is not None:
             self.method.load_state(unet, ckpt.tensors)
+            if self.contrast is not None:
+                self.contrast.load(ckpt.tensors)
             if ema is not None:
                 ema.load(ckpt.tensors)
             optimizer_from_tensors(optimizer, ckpt.tensors, ckpt.meta["optimizer"])
@@ -221,6 +233,8 @@ class Trainer:
                 bar.close()
                 raise Stopped(self.stop.signal, f"{unit} step {step + 1} of {steps}")
         bar.close()
+        if self.contrast is not None:
+            self.contrast.close()
         if self.main:
             with resource_errors(f"the result of {unit} in {out_dir}",
                                  "the checkpoints are intact"):
@@ -264,12 +278,26 @@ class Trainer:
             context = self.acc.no_sync(model) if not sync and self.acc.num_processes > 1 else _null()
             with context, self.acc.autocast():
                 loss, metrics = objective.loss(model, images, embeds, sub)
-                loss = loss.mean() / accum
+                loss = loss.mean()
+                weight = contrastive_weight(recipe.losses.contrastive, step) if self.contrast else 0.0
+                if weight > 0:
+                    cgen = torch.Generator().manual_seed(derive_seed(recipe.seed, order.unit, "contrastive", step, m))
+                    term = self.contrast.loss(model, objective, images, embeds, texts, sub, self.text_cache, cgen)
+                    metrics["loss_contrastive"] = term.detach()
+                    loss = loss + weight * term
+                loss = loss / accum
                 self.acc.backward(loss)
             totals["loss"] = totals.get("loss", 0.0) + loss.item()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / accum
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if self.contrast is not None:
+            heads = self.contrast.parameters()
+            if self.acc.num_processes > 1:  # the heads are outside DDP: average their gradients
+                for p in heads:
+                    if p.grad is not None:
+                        p.grad = self.acc.reduce(p.grad, reduction="mean")
+            trainable = trainable + heads
         finite = self.all_finite(totals["loss"], trainable)
         grad_norm = None
         if finite and recipe.optim.max_grad_norm > 0:
@@ -420,6 +448,8 @@ class Trainer:
             tensors = self.method.state(self.acc.unwrap_model(model))
             if ema is not None:
                 tensors.update(ema.state())
+            if self.contrast is not None:
+                tensors.update(self.contrast.state())
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
             tensors.update(opt_tensors)
             with resource_errors(f"the checkpoint of {unit} at step {step}",

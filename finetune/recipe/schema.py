@@ -204,6 +204,28 @@ class LoggingSpec(Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to RUN/tensorboard.")
 
 
+class ContrastiveSpec(Strict):
+    kind: Literal["off", "feature_infonce", "denoising"] = Field("off", description=(
+        "feature_infonce: pooled UNet block features vs pooled text, symmetric InfoNCE (no extra"
+        " UNet pass); denoising: diffusion-classifier cross-entropy over denoising errors under"
+        " the true and negative captions. See finetune/contrastive.py for the maths."))
+    weight: float = Field(0.1, ge=0.0, description="Weight of the term next to the diffusion loss.")
+    temperature: float = Field(0.1, gt=0.0)
+    warmup_steps: int = Field(0, ge=0, description="Ramp the weight linearly from 0 over these steps.")
+    block: str = Field("mid", description="feature_infonce: mid, down.N or up.N block output to pool.")
+    projection_dim: int = Field(64, ge=1, description="feature_infonce: size of the projection heads.")
+    samples: int = Field(4, ge=1, description="denoising: samples per micro-batch that are contrasted.")
+    negatives: int = Field(2, ge=1, description="denoising: negative captions per contrasted sample.")
+    hard_negatives: bool = Field(True, description=(
+        "denoising: negatives are the caption with one attribute word swapped (swap_words)."))
+    swap_words: list[list[str]] | None = Field(None, description=(
+        "Groups of interchangeable words for hard negatives (default: colours, shapes, counts, positions)."))
+
+
+class LossesSpec(Strict):
+    contrastive: ContrastiveSpec = Field(default_factory=ContrastiveSpec)
+
+
 class Recipe(Strict):
     name: str = Field(..., min_length=1)
     seed: int = Field(0, ge=0)
@@ -214,6 +236,7 @@ class Recipe(Strict):
         "lora: train LoRA adapters (adaptation); full: train every UNet weight (pretraining a"
         " small cascade; the lora block is then unused)."))
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    losses: LossesSpec = Field(default_factory=LossesSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     phases: list[PhaseSpec] = Field(..., min_length=1)
