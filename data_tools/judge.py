@@ -21,8 +21,16 @@ ATTRIBUTES = ("colour", "shape", "count", "position")
 ALL_SHAPES = ("circle", "square", "triangle", "star", "cross")
 
 
-def foreground(img: np.ndarray, threshold: float = 60.0) -> np.ndarray:
-    diff = np.abs(img.astype(np.float32) - np.array(BACKGROUND, np.float32)).sum(-1)
+def background_colour(img: np.ndarray) -> np.ndarray:
+    """The median colour of the image border: the world's backgrounds are plain, but a
+    generated image's background may drift from the exact training colour."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(np.float32)
+    return np.median(border, axis=0)
+
+
+def foreground(img: np.ndarray, threshold: float = 60.0, background=None) -> np.ndarray:
+    background = np.array(BACKGROUND if background is None else background, np.float32)
+    diff = np.abs(img.astype(np.float32) - background).sum(-1)
     return diff > threshold
 
 
@@ -72,7 +80,7 @@ def classify_shape(mask: np.ndarray, pixels: np.ndarray, shapes=ALL_SHAPES) -> s
 def analyse(image) -> dict:
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     size = img.shape[0]
-    mask = foreground(img)
+    mask = foreground(img, background=background_colour(img))
     floor = max(4, int(0.004 * size * size))
     comps = [c for c in components(mask) if len(c) >= floor]
     if not comps:

@@ -40,10 +40,11 @@ def card(run: Path, scores: dict, settings: dict) -> str:
     finished = json.loads((run / "finished.json").read_text())
     recipe = (run / "resolved_recipe.yaml").read_text()
     rows = []
-    for name, spec in EVAL_SETS.items():
-        r = scores[name]["trained"]
-        rows.append(f"| {name} (`{spec}`) | " + " | ".join(
-            f"{r[a]:.1%}" for a in ("colour", "shape", "count", "position", "overall")) + " |")
+    for label, by_set in scores.items():
+        for name, spec in EVAL_SETS.items():
+            r = by_set[name]
+            rows.append(f"| {label} | {name} (`{spec}`) | " + " | ".join(
+                f"{r[a]:.1%}" for a in ("colour", "shape", "count", "position", "overall")) + " |")
     size = sum(f.stat().st_size for f in (SHIPPED_DIR / "tiny").rglob("*.safetensors")) \
         if (SHIPPED_DIR / "tiny").exists() else 0
     return f"""---
@@ -77,13 +78,19 @@ python -m finetune.builtin_tiny export runs/pretrain-tiny
 
 ## How good it is
 
-Judge accuracy (data_tools/judge.py, classical image analysis) of images sampled through the
-whole cascade (stage I {settings['steps']} steps, stage II {settings['steps_II']} steps, guidance
-{settings['guidance_scale']}), on held-out prompts. The domain split's shapes (star, cross) and
-colour (purple) were never seen: low scores there are what adaptation is for.
+Judge accuracy (data_tools/judge.py, classical image analysis) on held-out prompts, of stage
+I's 32px output alone and of the whole cascade's 64px output (stage I {settings['steps']} steps,
+stage II {settings['steps_II']} steps, guidance {settings['guidance_scale']}). The domain split's
+shapes (star, cross) and colour (purple) were never seen: low scores there are what adaptation
+is for.
 
-| prompts | colour | shape | count | position | overall |
-|---|---|---|---|---|---|
+Honest limits: the base is weak. Stage II was trained for only 800 steps and adds pixel noise
+and colour shifts that cost the judge colour and count accuracy at 64px; stage I alone is the
+better-judged output, which is why the quickstart judges stage I (`eval.stages: [I]`). More
+pretraining (the recipe's step counts) is the lever; this is what fit in one CPU session.
+
+| sampled through | prompts | colour | shape | count | position | overall |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Chance: colour 1/6, shape 1/5, position 1/9.
@@ -107,10 +114,14 @@ def export(run: Path, target: Path) -> dict:
         shutil.copytree(source, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("finetune.json"))
         to_fp16(tmp)
-    settings = SampleSettings(steps=30, steps_II=15, batch_size=32)
+    settings = SampleSettings(steps=30, steps_II=50, batch_size=32)
     prompt_sets = {name: load_prompt_set(spec) for name, spec in EVAL_SETS.items()}
-    scores = evaluate_variants(Cascade.from_spec(str(target)), [CascadeVariant("trained")],
-                               prompt_sets, settings, run / "export")
+    cascade = Cascade.from_spec(str(target))
+    scores = {}
+    for label, stages in (("stage I (32px)", ["I"]), ("cascade (64px)", ["I", "II"])):
+        result = evaluate_variants(cascade, [CascadeVariant("trained")], prompt_sets, settings,
+                                   run / "export" / label.split()[0], progress=None, stages=stages)
+        scores[label] = {name: r["trained"] for name, r in result.items()}
     (target / "README.md").write_text(card(run, scores, vars(settings)))
     (target / "eval.json").write_text(json.dumps({"results": scores, "prompt_sets": EVAL_SETS,
                                                   "sample": vars(settings)}, indent=2))

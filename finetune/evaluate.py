@@ -77,14 +77,14 @@ def save_png(image, target: Path) -> Path:
 
 
 def evaluate_variants(cascade, variants, prompt_sets: dict[str, list[Prompt]], settings,
-                      out_dir: Path, grid: int = 16, progress=None) -> dict:
+                      out_dir: Path, grid: int = 16, progress=None, stages: list[str] | None = None) -> dict:
     """Sample every prompt set with every variant; write grids under out_dir/samples/ and
     return {set: {variant: judge accuracy (or just n)}}."""
     from .sampling import CascadeSampler, image_grid
 
     results: dict[str, dict] = {name: {} for name in prompt_sets}
     for variant in variants:
-        sampler = CascadeSampler(cascade, variant, adapter_scale=settings.adapter_scale)
+        sampler = CascadeSampler(cascade, variant, stages=stages, adapter_scale=settings.adapter_scale)
         for name, prompts in prompt_sets.items():
             bar = progress(len(prompts), f"sample {variant.name} / {name}") if progress else None
             images = sampler.generate([p.text for p in prompts], settings, bar)
@@ -122,10 +122,11 @@ def evaluate_run_dir(run: Path, cascade, spec, prompt_specs: dict[str, str], tra
     variants = ([CascadeVariant("base")] if spec.before else []) + [trained]
     started = time.time()
     results = evaluate_variants(cascade, variants, prompt_sets, settings_from(spec.sample), run,
-                                spec.grid, progress)
+                                spec.grid, progress, spec.stages)
     atomic.write_json(run / "eval.json", {
         "results": results, "prompt_sets": prompt_specs, "sample": spec.sample.model_dump(),
-        "variants": [v.name for v in variants], "seconds": round(time.time() - started, 1)})
+        "variants": [v.name for v in variants], "seconds": round(time.time() - started, 1),
+        "stages": spec.stages or sorted(cascade.stage_dirs)})
     for name, by_variant in results.items():
         say(f"eval {name}: " + "; ".join(
             f"{v} overall {r['overall']:.0%}" if "overall" in r else f"{v} sampled"

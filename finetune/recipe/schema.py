@@ -187,6 +187,9 @@ class EvalSpec(Strict):
         "name: prompts to sample and judge; synth:SPLIT?n=48&seed=7, a .jsonl of"
         " {prompt, truth} rows, or a .txt with one prompt per line."))
     before: bool = Field(True, description="Also sample and judge the base cascade (before adaptation).")
+    stages: list[StageName] | None = Field(None, description=(
+        "Stages to sample through (default: every stage of the cascade); [I] judges stage I's"
+        " output alone."))
     grid: int = Field(16, ge=1, description="Images per sample grid.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
 
