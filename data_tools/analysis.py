@@ -4,7 +4,8 @@ token overflow, and summary statistics.
 pHash: grey 32x32 -> 2-D DCT -> the 8x8 lowest frequencies without the DC term -> one bit per
 coefficient above their median (63 bits). Robust to re-encoding, small resizes and mild
 colour shifts; two images are near-duplicates when the Hamming distance is at most
-NEAR_DISTANCE. Candidates are found by splitting the hash into 8 bands of 8 bits: two hashes
+NEAR_DISTANCE and their 8x8 colour thumbnails agree within COLOUR_TOLERANCE (pHash is
+grey-level only: a red and a blue circle would otherwise be "duplicates"). Candidates are found by splitting the hash into 8 bands of 8 bits: two hashes
 within distance 7 share at least one band exactly (pigeonhole), so no pair is missed and the
 comparison stays near-linear.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 NEAR_DISTANCE = 4
 BANDS = 8
+COLOUR_TOLERANCE = 12.0  # mean |difference| of 8x8 colour thumbnails, out of 255
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -42,6 +44,13 @@ def phash(pixels: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
+def _thumbnail(pixels: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    small = Image.fromarray(pixels.transpose(1, 2, 0)).resize((8, 8), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32)
+
+
 def find_duplicates(pixels: np.ndarray, near: bool = True) -> dict[int, tuple[int, str, int]]:
     """{index: (index of the first copy, "exact" | "near", hamming distance)} for every image
     that repeats an earlier one."""
@@ -56,6 +65,7 @@ def find_duplicates(pixels: np.ndarray, near: bool = True) -> dict[int, tuple[in
     if not near:
         return found
     hashes = [phash(np.asarray(image)) for image in pixels]
+    thumbs = [_thumbnail(np.asarray(image)) for image in pixels]
     buckets: dict[tuple[int, int], list[int]] = {}
     for i, h in enumerate(hashes):
         if i in found:
@@ -64,7 +74,8 @@ def find_duplicates(pixels: np.ndarray, near: bool = True) -> dict[int, tuple[in
         for band in range(BANDS):
             key = (band, (h >> (band * 8)) & 0xFF)
             candidates.update(buckets.get(key, ()))
-        best = min(((bin(h ^ hashes[j]).count("1"), j) for j in candidates), default=None)
+        best = min(((bin(h ^ hashes[j]).count("1"), j) for j in candidates
+                    if np.abs(thumbs[i] - thumbs[j]).mean() <= COLOUR_TOLERANCE), default=None)
         if best is not None and best[0] <= NEAR_DISTANCE:
             found[i] = (best[1], "near", best[0])
             continue
@@ -75,11 +86,18 @@ def find_duplicates(pixels: np.ndarray, near: bool = True) -> dict[int, tuple[in
 
 def token_overflow(captions: list[str], tokenizer, max_length: int) -> dict[int, tuple[int, int]]:
     """{index: (tokens, tokens lost)} for captions longer than the encoder's limit."""
+    from transformers.utils import logging as hf_logging
+
     out = {}
-    for i, caption in enumerate(captions):
-        n = len(tokenizer(caption, add_special_tokens=True).input_ids)
-        if n > max_length:
-            out[i] = (n, n - max_length)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence longer than the maximum" is what we report
+    try:
+        for i, caption in enumerate(captions):
+            n = len(tokenizer(caption, add_special_tokens=True).input_ids)
+            if n > max_length:
+                out[i] = (n, n - max_length)
+    finally:
+        hf_logging.set_verbosity(level)
     return out
 
 

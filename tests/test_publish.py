@@ -2,8 +2,6 @@
 without leaking the token, and merging adapters into a cascade that loads without peft."""
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import numpy as np
