@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .faults import crash_point
 from .lora import ADAPTER_NAME
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -52,6 +53,7 @@ def save_adapter(unet, out_dir: str | Path, provenance: dict,
     target = Path(out_dir) / WEIGHT_NAME
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata=metadata)
+        crash_point("adapter-save")
     return target
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
+from .faults import crash_point
 
 STATE = "state.safetensors"
 MANIFEST = "manifest.json"
@@ -81,6 +82,7 @@ def save_checkpoint(root: Path, unit: str, step: int, tensors: dict[str, torch.T
         save_file(tensors, str(tmp / STATE))
         manifest = {"unit": unit, "step": step, "sha256": _sha256(tmp / STATE), "meta": meta}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        crash_point("checkpoint-write")
     for old in list_checkpoints(root, unit)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

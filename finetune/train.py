@@ -23,6 +23,7 @@ from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, o
 from .contrastive import DEFAULT_SWAPS, ContrastiveTerm, all_hard_negatives, contrastive_weight
 from .ema import EMA
 from .errors import UserError
+from .faults import crash_point
 from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .loggers import MetricSinks
 from .methods import make_method
@@ -206,6 +207,7 @@ class Trainer:
             with resource_errors(f"{unit} step {step + 1}"):
                 metrics = self.step(model, optimizer, objective, order, pixels, data.captions, step,
                                     phase.data.flip, caption_dropout)
+            crash_point("step")
             if metrics["skipped"]:
                 skipped += 1
                 self.on_nonfinite(unit, step + 1, skipped)
@@ -562,6 +564,7 @@ def _train_and_finish(trainer: Trainer, acc, run: RunDir, cascade: Cascade, star
             else:
                 out_dir = trainer.run_unit(phase_index, stage, latest.get(stage))
             latest[stage] = out_dir
+        crash_point("between-phases")
     summary = RunSummary(run.path)
     if acc.is_main_process:
         for stage, src in latest.items():

@@ -91,3 +91,9 @@ def test_training_with_each_kind_resumes_exactly_and_keeps_heads_out_of_the_adap
     # Not bit-exact with feature_infonce: two fresh runs already differ by ~1e-6 on CPU
     # (float reduction order); a lost or re-initialised head state would differ by far more.
     assert max((adapter[k] - again[k]).abs().max().item() for k in adapter) < 1e-5
+
+
+def test_a_bare_off_in_yaml_means_off(recipe_factory):
+    path = recipe_factory(extra="losses: {contrastive: {kind: off}}")
+    assert load_recipe(path).recipe.losses.contrastive.kind == "off"
+    assert load_recipe(path, ["losses.contrastive.kind=off"]).recipe.losses.contrastive.kind == "off"

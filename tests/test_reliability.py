@@ -199,3 +199,53 @@ def test_mismatched_adapter_is_refused_with_the_first_mismatch(recipe_factory, t
     attach_lora(other, 4, 8, 0.0, ["to_q"])
     with pytest.raises(UserError, match="is not in it"):
         load_adapter_weights(other, tensors)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_cascade, synth_general, synth_domain, cache_dir):
+    """The adapter a run gives when nothing goes wrong (reference for every crash point)."""
+    from conftest import write_recipe
+
+    root = tmp_path_factory.mktemp("faults")
+
+    def recipe(name: str) -> Path:
+        return write_recipe(root / f"{name}.yaml", f"""
+name: faults
+output_dir: {root / name}
+cache_dir: {cache_dir}
+cascade: {{path: {tiny_cascade}, stages: [I]}}
+lora: {{rank: 4, alpha: 8}}
+optim: {{batch_size: 4}}
+train: {{checkpoint_every: 2, device: cpu, ema: {{decay: 0.9}}}}
+phases:
+  - {{name: general, data: {{path: {synth_general}}}, steps: 2}}
+  - {{name: domain, data: {{path: {synth_domain}}}, steps: 4}}
+""")
+
+    # Every run of this test is a CLI process, as a user's would be.
+    path = recipe("reference")
+    subprocess.run([sys.executable, "-m", "finetune", "run", str(path)], check=True,
+                   capture_output=True, timeout=300)
+    return recipe, load_file(str(_out(path) / "adapters/stage_I" / ADAPTER))
+
+
+@pytest.mark.parametrize("point", ["step:5", "checkpoint-write:2", "between-phases:1", "adapter-save:2"])
+def test_sigkill_at_each_fault_point_then_resume_gives_the_same_adapter(uninterrupted, point):
+    recipe, reference = uninterrupted
+    path = recipe(point.replace(":", "-"))
+    env = dict(os.environ, FINETUNE_CRASH_AT=point)
+    proc = subprocess.run([sys.executable, "-m", "finetune", "run", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out = _out(path)
+    assert not (out / "finished.json").exists()
+    for ckpt in (out / "checkpoints").glob("*-step_*"):
+        assert (ckpt / "manifest.json").exists(), f"{ckpt} is visible but incomplete"
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "run", str(path), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = load_file(str(out / "adapters/stage_I" / ADAPTER))
+    # Within 1e-5, not bit-exact: after a kill at "step" the resumed adapter has differed from
+    # the reference by ~2e-6 under pytest (bit-exact when the same commands run by hand; cause
+    # not found yet). Lost optimizer, EMA or LoRA state would differ by orders more.
+    assert max((reference[k] - got[k]).abs().max().item() for k in reference) < 1e-5

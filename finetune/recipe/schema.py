@@ -207,8 +207,13 @@ class LoggingSpec(Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to RUN/tensorboard.")
 
 
+def _off_is_not_false(value):
+    # YAML 1.1 reads a bare `off` as false; a recipe that says `kind: off` means "off".
+    return "off" if value is False else value
+
+
 class ContrastiveSpec(Strict):
-    kind: Literal["off", "feature_infonce", "denoising"] = Field("off", description=(
+    kind: Annotated[Literal["off", "feature_infonce", "denoising"], BeforeValidator(_off_is_not_false)] = Field("off", description=(
         "feature_infonce: pooled UNet block features vs pooled text, symmetric InfoNCE (no extra"
         " UNet pass); denoising: diffusion-classifier cross-entropy over denoising errors under"
         " the true and negative captions. See finetune/contrastive.py for the maths."))
