@@ -249,3 +249,27 @@ def test_sigkill_at_each_fault_point_then_resume_gives_the_same_adapter(uninterr
     # the reference by ~2e-6 under pytest (bit-exact when the same commands run by hand; cause
     # not found yet). Lost optimizer, EMA or LoRA state would differ by orders more.
     assert max((reference[k] - got[k]).abs().max().item() for k in reference) < 1e-5
+
+
+def test_dataset_files_cannot_reach_outside_the_folder(tmp_path):
+    from PIL import Image
+
+    from data_tools.ingest import ingest
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64)).save(secret)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "link.png").symlink_to(secret)
+    (pairs / "link.txt").write_text("a caption")
+    found = ingest(pairs)
+    assert not found.records and "outside the dataset folder" in found.rejected[0].reason
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "inside.png").symlink_to(secret)
+    (meta / "metadata.jsonl").write_text(
+        json.dumps({"file_name": str(secret), "text": "absolute"}) + "\n"
+        + json.dumps({"file_name": "inside.png", "text": "symlink out"}) + "\n")
+    found = ingest(meta)
+    assert not found.records
+    assert all("outside the dataset folder" in r.reason for r in found.rejected)
