@@ -36,7 +36,7 @@ def to_fp16(folder: Path) -> None:
         save_file(tensors, str(file), metadata=meta)
 
 
-def card(run: Path, scores: dict, settings: dict) -> str:
+def card(run: Path, target: Path, scores: dict, settings: dict) -> str:
     finished = json.loads((run / "finished.json").read_text())
     recipe = (run / "resolved_recipe.yaml").read_text()
     rows = []
@@ -45,8 +45,7 @@ def card(run: Path, scores: dict, settings: dict) -> str:
             r = by_set[name]
             rows.append(f"| {label} | {name} (`{spec}`) | " + " | ".join(
                 f"{r[a]:.1%}" for a in ("colour", "shape", "count", "position", "overall")) + " |")
-    size = sum(f.stat().st_size for f in (SHIPPED_DIR / "tiny").rglob("*.safetensors")) \
-        if (SHIPPED_DIR / "tiny").exists() else 0
+    size = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -122,7 +121,7 @@ def export(run: Path, target: Path) -> dict:
         result = evaluate_variants(cascade, [CascadeVariant("trained")], prompt_sets, settings,
                                    run / "export" / label.split()[0], progress=None, stages=stages)
         scores[label] = {name: r["trained"] for name, r in result.items()}
-    (target / "README.md").write_text(card(run, scores, vars(settings)))
+    (target / "README.md").write_text(card(run, target, scores, vars(settings)))
     (target / "eval.json").write_text(json.dumps({"results": scores, "prompt_sets": EVAL_SETS,
                                                   "sample": vars(settings)}, indent=2))
     return scores

@@ -64,3 +64,17 @@ phases:
 {extra}"""
         return write_recipe(tmp_path / name, text)
     return make
+
+
+def rewind_unit(run: Path, unit: str, phase: str, last_checkpoint: str) -> None:
+    """Make a finished run look as if it died just before `last_checkpoint` was written:
+    that checkpoint, the phase's result and the finished marker go; `--resume` redoes them."""
+    import json
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / last_checkpoint)
+    shutil.rmtree(run / "phases" / phase)
+    (run / "finished.json").unlink()
+    progress = json.loads((run / "progress.json").read_text())
+    progress["completed"].remove(unit)
+    (run / "progress.json").write_text(json.dumps(progress))

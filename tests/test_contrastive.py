@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import rewind_unit
 from finetune.cli import main
 from finetune.contrastive import (DEFAULT_SWAPS, _word_swaps, denoising_contrast, info_nce,
                                   resolve_block)
@@ -80,12 +80,7 @@ def test_training_with_each_kind_resumes_exactly_and_keeps_heads_out_of_the_adap
     assert any(k.startswith("contrastive.") for k in state) == (kind == "feature_infonce")
 
     # forget the last checkpoint and the result, resume from step 2: the same adapter
-    shutil.rmtree(run / "checkpoints/domain-stage_I-step_000004")
-    shutil.rmtree(run / "phases/domain")
-    (run / "finished.json").unlink()
-    progress = json.loads((run / "progress.json").read_text())
-    progress["completed"].remove("domain-stage_I")
-    (run / "progress.json").write_text(json.dumps(progress))
+    rewind_unit(run, "domain-stage_I", "domain", "domain-stage_I-step_000004")
     assert main(["run", str(path), "--set", "optim.grad_accum=2", "--resume"]) == 0
     again = load_file(str(run / "adapters/stage_I/pytorch_lora_weights.safetensors"))
     # Not bit-exact with feature_infonce: two fresh runs already differ by ~1e-6 on CPU

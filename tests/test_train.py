@@ -162,10 +162,9 @@ def test_per_stage_steps_must_name_the_recipe_stages(recipe_factory, capsys):
 
 
 def test_full_method_trains_every_weight_resumes_and_writes_a_pipeline_folder(recipe_factory):
-    import shutil
-
     from diffusers import IFPipeline
 
+    from conftest import rewind_unit
     from finetune.cascade import Cascade
 
     path = recipe_factory(steps=4, general_steps=1, extra="method: full",
@@ -184,12 +183,7 @@ def test_full_method_trains_every_weight_resumes_and_writes_a_pipeline_folder(re
     assert not _same(exported, raw)  # export: ema puts the average first, raw beside it
 
     # Forget the domain phase's last checkpoint and result, then resume from its step 2.
-    shutil.rmtree(run / "checkpoints" / "domain-stage_I-step_000004")
-    shutil.rmtree(run / "phases" / "domain")
-    (run / "finished.json").unlink()
-    progress = json.loads((run / "progress.json").read_text())
-    progress["completed"].remove("domain-stage_I")
-    (run / "progress.json").write_text(json.dumps(progress))
+    rewind_unit(run, "domain-stage_I", "domain", "domain-stage_I-step_000004")
     assert main(["run", str(path), "--resume"]) == 0
     assert _same(exported, load_file(str(run / "phases/domain/stage_I" / weights)))
 
