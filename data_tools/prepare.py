@@ -82,12 +82,16 @@ def prepare(records: list[Record], resolution: int, cache_dir: Path | None,
             rejected.append(Rejection(rec.where, str(exc)))
         if progress is not None:
             progress.update(1)
-    pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    # Contiguous NCHW, as read back from the cache: np.stack keeps the transposed (channels-last)
+    # layout of the decoded arrays, and convolutions sum in another order on that layout, so a
+    # first run on cold data would differ (~1e-6) from every later run on cached data.
+    pixels = (torch.from_numpy(np.stack(arrays)).contiguous() if arrays
+              else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8))
     if cache_file is not None:
         meta = {"captions": captions, "wheres": wheres, "sizes": sizes,
                 "rejected": [r.__dict__ for r in rejected]}
         with atomic_path(cache_file) as tmp:
-            save_file({"pixels": pixels.contiguous()}, str(tmp), metadata={"prepared": json.dumps(meta)})
+            save_file({"pixels": pixels}, str(tmp), metadata={"prepared": json.dumps(meta)})
     return Prepared(pixels, captions, wheres, rejected, sizes=sizes, key=key)
 
 

@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("run", nargs="?", help="a finished run directory (its cascade and adapters)")
     sample.add_argument("--cascade", help="a cascade folder or builtin:NAME instead of a run (base model)")
     sample.add_argument("--base", action="store_true", help="with a run: ignore its adapters (before adaptation)")
+    sample.add_argument("--student", action="store_true", help="with a run: its distilled students replace the stages they were made for")
     group = sample.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="prompt file (.txt one per line, .jsonl) or synth:SPLIT?n=..")
@@ -72,16 +73,22 @@ def cmd_sample(args) -> int:
     from pathlib import Path
 
     from .cascade import Cascade
-    from .evaluate import load_prompt_set, save_png, trained_variant
+    from .evaluate import load_prompt_set, save_png, student_variant, trained_variant
     from .publish import run_cascade
     from .sampling import CascadeSampler, CascadeVariant, SampleSettings, image_grid
 
     if bool(args.run) == bool(args.cascade):
         raise UserError("sample: give a run directory or --cascade (one of them)")
+    if args.base and args.student:
+        raise UserError("sample: --base and --student exclude each other")
     if args.run:
         run = Path(args.run)
         cascade, recipe = run_cascade(run)
         variant = CascadeVariant("base") if args.base else trained_variant(run, recipe.get("method", "lora"))
+        if args.student:
+            variant = student_variant(run, variant)
+            if variant is None:
+                raise UserError(f"sample --student: {run} has no students/ (add a distill block to the recipe)")
     else:
         cascade, variant = Cascade.from_spec(args.cascade), CascadeVariant("base")
     prompts = [args.prompt] if args.prompt else [p.text for p in load_prompt_set(args.prompts, "--prompts")]
@@ -175,6 +182,8 @@ def cmd_run(args) -> int:
                 print(f"  stage {stage} adapter: {path}  (pipe.load_lora_weights('{path}'))")
             else:
                 print(f"  stage {stage} pipeline: {path}  (from_pretrained('{path}'))")
+        for stage, path in summary.students.items():
+            print(f"  stage {stage} student: {path}  (UNet2DConditionModel.from_pretrained('{path}'))")
         if summary.report:
             print(f"  report: {summary.report} (and report.html)")
     return 0

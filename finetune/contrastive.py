@@ -36,6 +36,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .unet_blocks import FeatureCapture, block_channels
+
 DEFAULT_SWAPS = [
     ["red", "green", "blue", "yellow", "purple", "orange"],
     ["circle", "square", "triangle", "star", "cross"],
@@ -95,45 +97,6 @@ def hard_negatives(caption: str, swaps: list[list[str]], count: int, generator: 
 def all_hard_negatives(captions: list[str], swaps: list[list[str]]) -> set[str]:
     """Every negative caption training may ask for (their embeddings are cached up front)."""
     return {n for c in set(captions) for n in _word_swaps(c, swaps)}
-
-
-class FeatureCapture:
-    """A forward hook keeping one block's output during the diffusion forward pass."""
-
-    def __init__(self, unet, block: str):
-        self.output = None
-        module = resolve_block(unet, block)
-        self.handle = module.register_forward_hook(self._keep)
-
-    def _keep(self, module, args, output):
-        self.output = output[0] if isinstance(output, tuple) else output
-
-    def pooled(self) -> torch.Tensor:
-        return self.output.float().mean(dim=(-2, -1))
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-def resolve_block(unet, block: str):
-    """'mid', 'down.N' or 'up.N' -> the UNet module whose output is pooled."""
-    if block == "mid":
-        return unet.mid_block
-    kind, _, index = block.partition(".")
-    blocks = {"down": unet.down_blocks, "up": unet.up_blocks}.get(kind)
-    if blocks is None or not index.isdigit() or int(index) >= len(blocks):
-        raise ValueError(f"losses.contrastive.block: '{block}' is not mid, down.N or up.N of this UNet")
-    return blocks[int(index)]
-
-
-def block_channels(unet, block: str) -> int:
-    """Channels of a block's output (run on a tiny input once, no grad)."""
-    cfg = unet.config
-    if block == "mid":
-        return cfg.block_out_channels[-1]
-    kind, _, index = block.partition(".")
-    i = int(index)
-    return cfg.block_out_channels[i] if kind == "down" else list(reversed(cfg.block_out_channels))[i]
 
 
 class ProjectionHeads(torch.nn.Module):

@@ -109,9 +109,31 @@ def trained_variant(run: Path, method: str):
     return CascadeVariant("adapted", adapters=run_adapters(run))
 
 
-def evaluate_run_dir(run: Path, cascade, spec, prompt_specs: dict[str, str], trained,
+def student_variant(run: Path, trained):
+    """The run with its distilled students in place of the stages they replace (the other
+    stages keep the trained result), or None when the run has no students."""
+    from .rundir import STUDENTS
+    from .sampling import CascadeVariant
+
+    folders = {p.name.split("_", 1)[1]: p for p in sorted((run / STUDENTS).glob("stage_*"))
+               if (p / "config.json").exists()}
+    if not folders:
+        return None
+    return CascadeVariant("student",
+                          adapters={s: a for s, a in trained.adapters.items() if s not in folders},
+                          unets={**{s: u for s, u in trained.unets.items() if s not in folders}, **folders})
+
+
+def trained_variants(run: Path, method: str) -> list:
+    """What a finished run made: the trained cascade, and the student cascade when present."""
+    trained = trained_variant(run, method)
+    student = student_variant(run, trained)
+    return [trained] + ([student] if student is not None else [])
+
+
+def evaluate_run_dir(run: Path, cascade, spec, prompt_specs: dict[str, str], trained: list,
                      progress=None, say=print) -> dict:
-    """Base (when spec.before) and trained variants on each prompt set; writes eval.json."""
+    """Base (when spec.before) and the trained variants on each prompt set; writes eval.json."""
     import time
 
     from . import atomic
@@ -119,7 +141,7 @@ def evaluate_run_dir(run: Path, cascade, spec, prompt_specs: dict[str, str], tra
 
     prompt_sets = {name: load_prompt_set(value, f"eval.prompt_sets.{name}")
                    for name, value in prompt_specs.items()}
-    variants = ([CascadeVariant("base")] if spec.before else []) + [trained]
+    variants = ([CascadeVariant("base")] if spec.before else []) + list(trained)
     started = time.time()
     results = evaluate_variants(cascade, variants, prompt_sets, settings_from(spec.sample), run,
                                 spec.grid, progress, spec.stages)

@@ -66,6 +66,11 @@ class StageObjective:
         """Per-sample loss (B,) and a dict of scalar metrics."""
         model_input, t, noise, x_t, kwargs = self.unet_inputs(images, draws)
         out = unet(model_input, t, encoder_hidden_states=text_embeds, **kwargs).sample
+        return self.prediction_loss(out, images, noise, x_t, t)
+
+    def prediction_loss(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
+                        x_t: torch.Tensor, t: torch.Tensor):
+        """The denoising loss of a UNet output (epsilon, plus the learned variance's VLB)."""
         eps, v = split_prediction(out, channels=images.shape[1])
         mse = epsilon_mse(eps, noise)
         loss = mse

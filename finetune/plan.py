@@ -16,6 +16,20 @@ def stage_parameter_counts(cascade: Cascade, stage: str, recipe):
     return count_parameters(unet)
 
 
+def student_parameter_counts(cascade: Cascade, stage: str, student_spec) -> tuple[int, int]:
+    """(teacher, student) parameter counts, from the configs alone (no weights allocated)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from .distill import student_config
+
+    teacher_cfg = cascade.unet_config(stage)
+    with init_empty_weights():
+        teacher = UNet2DConditionModel.from_config(teacher_cfg)
+        student = UNet2DConditionModel.from_config(student_config(teacher_cfg, student_spec))
+    return (sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters()))
+
+
 def make_plan(loaded) -> str:
     from data_tools.ingest import ingest
 
@@ -43,4 +57,11 @@ def make_plan(loaded) -> str:
                          f"{phase.batch_for(s, recipe.optim.batch_size)}" for s in recipe.cascade.stages)
         lines.append(f"phase {phase.name}: {len(found.records)} samples listed "
                      f"({len(found.rejected)} rejected before decoding); {work}")
+    if recipe.distill is not None:
+        spec = recipe.distill
+        for stage in recipe.distill_stages():
+            teacher, student = student_parameter_counts(cascade, stage, spec.student)
+            steps = spec.steps if isinstance(spec.steps, int) else spec.steps[stage]
+            lines.append(f"distill stage {stage}: teacher {teacher:,} -> student {student:,} parameters "
+                         f"({student / teacher:.0%}); {steps} steps")
     return "\n".join(lines)

@@ -9,6 +9,7 @@
     checkpoints/           resumable state (see checkpoint.py)
     phases/<phase>/stage_<S>/   each phase's adapter
     adapters/stage_<S>/    the final adapters (diffusers LoRA format)
+    students/stage_<S>/    distilled student UNets (save_pretrained folders), when the recipe distils
     finished.json          written last; a finished run is never overwritten unless asked
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import atomic
 from .errors import UserError
 
 RUN_FILES = ("recipe.sha256", "resolved_recipe.yaml")
+STUDENTS = "students"
 
 
 def library_versions() -> dict:

@@ -5,6 +5,7 @@ Reads top to bottom: `run_recipe` -> `Trainer.run_unit` -> `Trainer.step`.
 """
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from contextlib import ExitStack
@@ -21,15 +22,17 @@ from .batches import BatchOrder, derive_seed, local_slice
 from .cascade import Cascade, default_cache_dir
 from .checkpoint import list_checkpoints, load_latest, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, unit_name
 from .contrastive import DEFAULT_SWAPS, ContrastiveTerm, all_hard_negatives, contrastive_weight
+from .determinism import deterministic_kernels
+from .distill import DistillObjective, Distiller, build_student, probe_inputs
 from .ema import EMA
 from .errors import UserError
 from .faults import crash_point
 from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .loggers import MetricSinks
-from .methods import make_method
+from .methods import FullMethod, make_method
 from .objective import StageObjective
 from .phase_data import PhaseData, load_phase_data
-from .rundir import RunDir
+from .rundir import STUDENTS, RunDir
 from .schedule import set_lr, step_decay_lr
 from .text_cache import MAX_LENGTH, TextEmbeddingCache, tokenizer_settings
 
@@ -38,6 +41,7 @@ from .text_cache import MAX_LENGTH, TextEmbeddingCache, tokenizer_settings
 class RunSummary:
     run_dir: Path
     adapters: dict[str, Path] = field(default_factory=dict)
+    students: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
     report: Path | None = None
     evaluation: dict | None = None
@@ -63,6 +67,7 @@ class Trainer:
         self.method = make_method(self.recipe)
         self.stop: StopRequest | None = None
         self.contrast: ContrastiveTerm | None = None
+        self.distiller: Distiller | None = None
         self.sinks = MetricSinks(self.recipe.logging, run.path, {}, enabled=False)
 
     def say(self, message: str) -> None:
@@ -93,6 +98,10 @@ class Trainer:
             if long:
                 self.say(f"phase {name}: {len(long)} caption(s) longer than {MAX_LENGTH} tokens are"
                          " truncated (see data_report.json)")
+        if recipe.distill is not None:  # the student learns on the named phase's data
+            source = next((p.name for p in recipe.phases if p.name == recipe.distill.data),
+                          recipe.phases[-1].name)
+            self.phase_data[recipe.distill_phase().name] = self.phase_data[source]
         if self.main:
             atomic.write_json(self.run / "data_report.json", report)
         self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),
@@ -130,9 +139,22 @@ class Trainer:
                               train.variance, vlb_weight)
 
     # ------------------------------------------------------------------ one unit
+    def phase_at(self, phase_index: int):
+        """The recipe's phases, then the distill block as one more phase."""
+        phases = self.recipe.phases
+        return phases[phase_index] if phase_index < len(phases) else self.recipe.distill_phase()
+
+    def is_distill(self, phase_index: int) -> bool:
+        return phase_index >= len(self.recipe.phases)
+
+    def unit_method(self, phase_index: int):
+        """A student trains every weight whatever the recipe's method."""
+        return FullMethod() if self.is_distill(phase_index) else self.method
+
     def schedule_offset(self, phase_index: int, stage: str) -> int:
         """Optimizer steps of this stage before this phase on the shared LR schedule."""
-        if self.recipe.optim.lr.restart_each_phase or self.recipe.phases[phase_index].lr:
+        if (self.is_distill(phase_index) or self.recipe.optim.lr.restart_each_phase
+                or self.recipe.phases[phase_index].lr):
             return 0
         return sum(p.steps_for(stage) for p in self.recipe.phases[:phase_index]
                    if p.lr is None)
@@ -156,8 +178,36 @@ class Trainer:
             unet.enable_xformers_memory_efficient_attention()
         return unet
 
+    def build_student(self, stage: str, teacher_from: Path, objective):
+        """The student UNet and the distiller (teacher fused and frozen, hooks, projections)."""
+        recipe = self.recipe
+        teacher = self.cascade.load_unet(stage)
+        if self.method.name == "lora":
+            self.method.prepare(teacher, stage)
+            self.method.load_exported(teacher, teacher_from)
+            teacher.fuse_lora()  # merged into the weights: no LoRA cost per teacher forward
+            teacher.unload_lora()
+        else:
+            self.method.load_exported(teacher, teacher_from)
+        spec = recipe.distill
+        student, start = build_student(teacher, spec.student,
+                                       derive_seed(recipe.seed, "student-init", stage))
+        self.say(f"distill stage {stage}: student {sum(p.numel() for p in student.parameters()):,} "
+                 f"parameters (teacher {sum(p.numel() for p in teacher.parameters()):,}); "
+                 f"{start['copied']} of {start['total']} tensors copied from the teacher")
+        torch.manual_seed(derive_seed(recipe.seed, "student-projections", stage))
+        probe = probe_inputs(student, objective, self.cascade.text_dim(), MAX_LENGTH, "cpu")
+        distiller = Distiller(teacher, student, spec.weights, probe).to(self.acc.device)
+        if recipe.train.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        if recipe.train.attention == "xformers":
+            student.enable_xformers_memory_efficient_attention()
+            teacher.enable_xformers_memory_efficient_attention()
+        return student, distiller
+
     def run_unit(self, phase_index: int, stage: str, init_from: Path | None) -> Path:
-        recipe, phase = self.recipe, self.recipe.phases[phase_index]
+        recipe, phase = self.recipe, self.phase_at(phase_index)
+        method = self.unit_method(phase_index)
         unit = unit_name(phase.name, stage)
         out_dir = self.run / "phases" / phase.name / f"stage_{stage}"
         data = self.phase_data[phase.name]
@@ -169,21 +219,28 @@ class Trainer:
             raise UserError(f"phases.{phase_index}: batch size {batch} must be divisible by "
                             f"processes x grad_accum ({world} x {recipe.optim.grad_accum})")
         lr_spec = phase.lr or recipe.optim.lr
-        unet = self.build_unet(stage, init_from, phase)
-        params = self.method.trainable(unet)
+        objective = self.objective(stage, phase)
+        self.distiller = None
+        if self.is_distill(phase_index):
+            unet, self.distiller = self.build_student(stage, init_from, objective)
+            objective = DistillObjective(objective, self.distiller)
+        else:
+            unet = self.build_unet(stage, init_from, phase)
+        params = method.trainable(unet)
         ema = EMA(params, recipe.train.ema.decay) if recipe.train.ema.decay > 0 else None
         self.contrast = None
-        if recipe.losses.contrastive.kind != "off":
+        if recipe.losses.contrastive.kind != "off" and self.distiller is None:
             self.contrast = ContrastiveTerm(recipe.losses.contrastive, unet, self.cascade.text_dim(),
                                             derive_seed(recipe.seed, unit, "contrastive-heads")).to(self.acc.device)
-            params = params + self.contrast.parameters()
+        for extra in self.extras():
+            params = params + extra.parameters()
         optimizer = make_optimizer(recipe.optim, params, lr_spec.start)
         start = 0
         ckpt = load_latest(self.run / "checkpoints", unit, warn=self.say)
         if ckpt is not None:
-            self.method.load_state(unet, ckpt.tensors)
-            if self.contrast is not None:
-                self.contrast.load(ckpt.tensors)
+            method.load_state(unet, ckpt.tensors)
+            for extra in self.extras():
+                extra.load(ckpt.tensors)
             if ema is not None:
                 ema.load(ckpt.tensors)
             optimizer_from_tensors(optimizer, ckpt.tensors, ckpt.meta["optimizer"])
@@ -193,7 +250,6 @@ class Trainer:
             self.run.truncate_metrics(unit, start)
         unet.train()
         model, optimizer = self.acc.prepare(unet, optimizer)
-        objective = self.objective(stage, phase)
         order = BatchOrder(len(data.captions), batch, recipe.seed, unit)
         offset = self.schedule_offset(phase_index, stage)
         bar = tqdm(range(start, steps), initial=start, total=steps,
@@ -228,20 +284,24 @@ class Trainer:
                 self.sinks.log(metrics, self.unit_offset(phase_index, stage) + step + 1)
             written = (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == steps
             if written:
-                self.checkpoint(model, optimizer, unit, step + 1, ema)
+                self.checkpoint(model, optimizer, unit, step + 1, ema, method)
             if self.stop_requested():
                 if not written:
-                    self.checkpoint(model, optimizer, unit, step + 1, ema)
+                    self.checkpoint(model, optimizer, unit, step + 1, ema, method)
                 bar.close()
                 raise Stopped(self.stop.signal, f"{unit} step {step + 1} of {steps}")
         bar.close()
-        if self.contrast is not None:
-            self.contrast.close()
+        for extra in self.extras():
+            extra.close()
         if self.main:
+            provenance = dict(self.provenance(phase.name, stage, data), skipped_steps=skipped)
+            if self.distiller is not None:
+                provenance.update(method="distill", student=recipe.distill.student.model_dump(),
+                                  distill_weights=recipe.distill.weights.model_dump(),
+                                  teacher=str(init_from), feature_pairs=self.distiller.pairs)
             with resource_errors(f"the result of {unit} in {out_dir}",
                                  "the checkpoints are intact"):
-                self.export(self.acc.unwrap_model(model), out_dir,
-                            dict(self.provenance(phase.name, stage, data), skipped_steps=skipped), ema)
+                self.export(self.acc.unwrap_model(model), out_dir, provenance, ema, method)
             self.run.mark_completed(unit)
         self.acc.wait_for_everyone()
         self.acc.free_memory()
@@ -293,8 +353,8 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / accum
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if self.contrast is not None:
-            heads = self.contrast.parameters()
+        heads = [p for extra in self.extras() for p in extra.parameters()]
+        if heads:
             if self.acc.num_processes > 1:  # the heads are outside DDP: average their gradients
                 for p in heads:
                     if p.grad is not None:
@@ -350,18 +410,24 @@ class Trainer:
                             "use bf16 instead of fp16, or check the data, then --resume")
         self.say(f"{where}: step skipped ({skipped} so far)")
 
-    def export(self, unet, out_dir: Path, provenance: dict, ema: EMA | None) -> None:
+    def extras(self) -> list:
+        """Training-only modules of the unit (contrastive heads, distillation projections):
+        optimised and checkpointed with the UNet, never exported."""
+        return [x for x in (self.contrast, self.distiller) if x is not None]
+
+    def export(self, unet, out_dir: Path, provenance: dict, ema: EMA | None, method=None) -> None:
         """The unit's result; with EMA, the weights not chosen by train.ema.export go beside
         it (ema/ or raw/), both loadable the same way."""
+        method = method or self.method
         if ema is None:
-            self.method.export(unet, out_dir, provenance)
+            method.export(unet, out_dir, provenance)
             return
         use_ema = self.recipe.train.ema.export == "ema"
         beside = out_dir / ("raw" if use_ema else "ema")
-        self.method.export(unet, beside if use_ema else out_dir, dict(provenance, weights="raw"))
+        method.export(unet, beside if use_ema else out_dir, dict(provenance, weights="raw"))
         with ema.swapped():
-            self.method.export(unet, out_dir if use_ema else beside,
-                               dict(provenance, weights="ema", ema_decay=ema.decay))
+            method.export(unet, out_dir if use_ema else beside,
+                          dict(provenance, weights="ema", ema_decay=ema.decay))
 
     @torch.no_grad()
     def validation_loss(self, model, objective, held: PhaseData, stage: str, unit: str) -> float:
@@ -445,13 +511,14 @@ class Trainer:
             ok = self.acc.reduce(ok, reduction="mean")
         return bool(ok.item() == 1.0)
 
-    def checkpoint(self, model, optimizer, unit: str, step: int, ema: EMA | None = None) -> None:
+    def checkpoint(self, model, optimizer, unit: str, step: int, ema: EMA | None = None,
+                   method=None) -> None:
         if self.main:
-            tensors = self.method.state(self.acc.unwrap_model(model))
+            tensors = (method or self.method).state(self.acc.unwrap_model(model))
             if ema is not None:
                 tensors.update(ema.state())
-            if self.contrast is not None:
-                tensors.update(self.contrast.state())
+            for extra in self.extras():
+                tensors.update(extra.state())
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
             tensors.update(opt_tensors)
             with resource_errors(f"the checkpoint of {unit} at step {step}",
@@ -496,19 +563,19 @@ class _null:
 def evaluate_run(trainer: Trainer, summary: RunSummary) -> None:
     """Sample and judge the recipe's prompt sets with the base cascade (before) and the
     trained one (after); grids under samples/, numbers in eval.json."""
-    from .evaluate import evaluate_run_dir, trained_variant
+    from .evaluate import evaluate_run_dir, trained_variants
 
     spec = trainer.recipe.eval
     if not spec.prompt_sets or not trainer.main:
         return
     summary.evaluation = evaluate_run_dir(
         trainer.run.path, trainer.cascade, spec, spec.prompt_sets,
-        trained_variant(trainer.run.path, trainer.method.name), trainer.progress, trainer.say)
+        trained_variants(trainer.run.path, trainer.method.name), trainer.progress, trainer.say)
 
 
 def evaluate_finished_run(loaded, run: Path, prompt_sets: dict[str, str]) -> dict:
     """`finetune eval RUN`: the same evaluation on a finished run, then its report again."""
-    from .evaluate import evaluate_run_dir, trained_variant
+    from .evaluate import evaluate_run_dir, trained_variants
     from .report import write_report
 
     recipe = loaded.recipe
@@ -516,7 +583,7 @@ def evaluate_finished_run(loaded, run: Path, prompt_sets: dict[str, str]) -> dic
     cascade = Cascade.from_spec(recipe.cascade.path, recipe.cascade.stage_paths,
                                 recipe.cascade.revision, cache_dir)
     results = evaluate_run_dir(run, cascade, recipe.eval, prompt_sets,
-                               trained_variant(run, recipe.method),
+                               trained_variants(run, recipe.method),
                                lambda n, d: tqdm(total=n, desc=d, leave=False), tqdm.write)
     write_report(run)
     return results
@@ -532,6 +599,7 @@ def run_recipe(loaded, resume: bool = False, overwrite: bool = False) -> RunSumm
             guards.enter_context(run_lock(run.path))
             run.prepare(loaded, resume=resume, overwrite=overwrite)
         stop = guards.enter_context(StopRequest())
+        guards.enter_context(deterministic_kernels(recipe.train.deterministic))
         return _run(loaded, acc, run, stop, started)
 
 
@@ -548,6 +616,34 @@ def _run(loaded, acc, run: RunDir, stop: StopRequest, started: float) -> RunSumm
         return _train_and_finish(trainer, acc, run, cascade, started)
     finally:
         trainer.sinks.close()
+
+
+def distill_students(trainer: Trainer, run: RunDir, done) -> dict[str, Path]:
+    """The distill block: one unit per stage, teacher = the stage's published result;
+    each student is written to run/students/stage_X as a save_pretrained UNet folder."""
+    from .atomic import atomic_dir
+
+    recipe = trainer.recipe
+    students: dict[str, Path] = {}
+    if recipe.distill is None:
+        return students
+    index = len(recipe.phases)
+    phase = recipe.distill_phase()
+    method = trainer.unit_method(index)
+    for stage in recipe.distill_stages():
+        unit = unit_name(phase.name, stage)
+        out_dir = run / "phases" / phase.name / f"stage_{stage}"
+        teacher = run / trainer.method.output_folder / f"stage_{stage}"
+        if unit in done and method.exported(out_dir):
+            trainer.say(f"{unit}: finished earlier, not re-run")
+        else:
+            out_dir = trainer.run_unit(index, stage, teacher)
+        students[stage] = run / STUDENTS / f"stage_{stage}"
+        if trainer.main:
+            with atomic_dir(students[stage]) as tmp:
+                shutil.copytree(out_dir / "unet", tmp, dirs_exist_ok=True)
+        trainer.acc.wait_for_everyone()
+    return students
 
 
 def _train_and_finish(trainer: Trainer, acc, run: RunDir, cascade: Cascade, started: float) -> RunSummary:
@@ -571,6 +667,9 @@ def _train_and_finish(trainer: Trainer, acc, run: RunDir, cascade: Cascade, star
             target = run / trainer.method.output_folder / f"stage_{stage}"
             trainer.method.publish(src, target, cascade.stage_dirs[stage])
             summary.adapters[stage] = target
+    acc.wait_for_everyone()
+    summary.students = distill_students(trainer, run, done)
+    if acc.is_main_process:
         evaluate_run(trainer, summary)
         from .report import write_report
 

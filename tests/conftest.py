@@ -57,7 +57,7 @@ cache_dir: {cache_dir}
 cascade: {{path: {tiny_cascade}, stages: {stages}}}
 lora: {{rank: 4, alpha: 8}}
 optim: {{batch_size: {batch}}}
-train: {{checkpoint_every: {checkpoint_every}, log_every: 1, device: cpu{train}}}
+train: {{checkpoint_every: {checkpoint_every}, log_every: 1, device: cpu, deterministic: true{train}}}
 phases:
   - {{name: general, data: {{path: {synth_general}}}, steps: {general_steps or steps}}}
   - {{name: domain, data: {{path: {synth_domain}}}, steps: {steps}}}

@@ -63,3 +63,6 @@ def test_prepare_skips_bad_files_and_caches(tmp_path, cache_dir):
     assert first.rejected[0].where == "broken.png"
     second = prepare(found.records, 32, cache_dir)
     assert second.from_cache and second.pixels.equal(first.pixels)
+    # the same memory layout too: convolutions on a channels-last input sum in another order,
+    # so a first (cold) run would not reproduce later (cached) runs
+    assert first.pixels.stride() == second.pixels.stride() and first.pixels.is_contiguous()

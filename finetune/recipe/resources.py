@@ -69,6 +69,16 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
                 problems.append((("lora", "target_modules"),
                                  f"{', '.join(missing)} match no module of stage {stage}'s UNet; IF "
                                  "attention uses to_q, to_k, to_v, to_out.0, add_k_proj, add_v_proj"))
+    if recipe.distill is not None:
+        from ..distill import student_config
+
+        for stage in recipe.distill_stages():
+            if stage in cascade.stage_dirs:
+                try:
+                    student_config(cascade.unet_config(stage), recipe.distill.student)
+                except UserError as exc:
+                    key, _, message = str(exc).partition(": ")
+                    problems.append((tuple(key.split(".")), f"stage {stage}: {message}"))
     return problems
 
 

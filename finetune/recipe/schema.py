@@ -168,6 +168,9 @@ class TrainSpec(Strict):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu"] = Field("auto", description="auto: accelerate picks (GPU when present).")
+    deterministic: bool = Field(False, description=(
+        "Bit-exact reruns and resumes: kernels whose results do not depend on memory layout"
+        " (on CPU: oneDNN off; on GPU: deterministic algorithms). Slower; see docs/reliability.md."))
 
 
 class SampleSpec(Strict):
@@ -234,6 +237,45 @@ class LossesSpec(Strict):
     contrastive: ContrastiveSpec = Field(default_factory=ContrastiveSpec)
 
 
+class StudentSpec(Strict):
+    layers_per_block: int | None = Field(None, ge=1, description=(
+        "Resnet (and attention) layers per down block; the up blocks get one more, as in"
+        " diffusers. Default: the teacher's."))
+    mid_block: bool = Field(True, description="False removes the mid block (BK-SDM's first cut).")
+    drop_levels: int = Field(0, ge=0, description=(
+        "Remove this many of the lowest-resolution levels (down block, matching up block)."))
+    channel_scale: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "Scale every level's channels (rounded to what group norm and attention heads allow)."))
+    init: Literal["teacher", "random"] = Field("teacher", description=(
+        "teacher: copy every weight whose name maps and shape matches (finetune/distill.py);"
+        " random: the student starts from scratch."))
+
+
+class DistillWeights(Strict):
+    task: float = Field(1.0, ge=0.0, description="The usual denoising loss on the data.")
+    output: float = Field(1.0, ge=0.0, description="MSE between student and teacher predictions.")
+    feature: float = Field(1.0, ge=0.0, description="MSE between matched block outputs (forward hooks).")
+
+
+class DistillSpec(Strict):
+    stages: list[StageName] | None = Field(None, description="Stages to distil (default: every trained stage).")
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    data: str | None = Field(None, description="Name of the phase whose data trains the student (default: the last phase).")
+    steps: PerStageCount = Field(..., description="Optimizer steps per distilled stage: one number or {I: 2000, II: 500}.")
+    batch_size: PerStageCount | None = Field(None, description="Overrides optim.batch_size: one number or per stage.")
+    lr: LRSpec = Field(default_factory=LRSpec, description=(
+        "The student's own schedule (every student weight trains, so not the adapter's rate)."))
+    weights: DistillWeights = Field(default_factory=DistillWeights)
+
+    def as_phase(self, data: DataSpec) -> PhaseSpec:
+        """The distillation as one more training phase, named 'distill'."""
+        return PhaseSpec(name=DISTILL_PHASE, data=data, steps=self.steps, batch_size=self.batch_size,
+                         lr=self.lr)
+
+
+DISTILL_PHASE = "distill"
+
+
 class Recipe(Strict):
     name: str = Field(..., min_length=1)
     seed: int = Field(0, ge=0)
@@ -250,7 +292,21 @@ class Recipe(Strict):
     phases: list[PhaseSpec] = Field(..., min_length=1)
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description=(
         "Metrics always go to RUN/metrics.jsonl; these add wandb and TensorBoard."))
+    distill: DistillSpec | None = Field(None, description=(
+        "After the phases, train a smaller student UNet per stage to imitate the trained stage."))
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training (and of the base before it).")
+
+    def distill_stages(self) -> list[str]:
+        if self.distill is None:
+            return []
+        return self.distill.stages or list(self.cascade.stages)
+
+    def distill_phase(self) -> PhaseSpec | None:
+        """The distill block as a phase (its data is the named phase's data)."""
+        if self.distill is None:
+            return None
+        source = next((p for p in self.phases if p.name == self.distill.data), self.phases[-1])
+        return self.distill.as_phase(source.data)
 
     def check(self) -> list[tuple[tuple, str]]:
         """Cross-field rules: (key path, message) for each violation."""
@@ -283,9 +339,35 @@ class Recipe(Strict):
                     for stage in per_stage:
                         if stage not in stages:
                             problems.append((("phases", i, field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+        problems += self._check_distill()
         if self.train.ema.export == "ema" and self.train.ema.decay == 0:
             problems.append((("train", "ema", "export"), "export: ema needs train.ema.decay > 0 (e.g. 0.999)"))
         sii = self.train.stage_II
         if sii.noise_aug_min > sii.noise_aug_max:
             problems.append((("train", "stage_II", "noise_aug_min"), "noise_aug_min is above noise_aug_max"))
+        return problems
+
+    def _check_distill(self) -> list[tuple[tuple, str]]:
+        spec, problems = self.distill, []
+        if spec is None:
+            return problems
+        stages = self.cascade.stages
+        names = [p.name for p in self.phases]
+        if DISTILL_PHASE in names:
+            problems.append((("phases",), f"'{DISTILL_PHASE}' is the distill block's phase name; rename that phase"))
+        if spec.data is not None and spec.data not in names:
+            problems.append((("distill", "data"), f"no phase named '{spec.data}' (phases: {', '.join(names)})"))
+        for stage in spec.stages or []:
+            if stage not in stages:
+                problems.append((("distill", "stages"), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+        for field in ("steps", "batch_size"):
+            per_stage = getattr(spec, field)
+            if isinstance(per_stage, dict):
+                missing = [s for s in self.distill_stages() if s not in per_stage]
+                if field == "steps" and missing:
+                    problems.append((("distill", field), f"give steps for every distilled stage (missing {', '.join(missing)})"))
+        if spec.lr.end > spec.lr.start:
+            problems.append((("distill", "lr", "end"), f"lr.end ({spec.lr.end}) is above lr.start ({spec.lr.start}); the schedule only decays"))
+        if not any((spec.weights.task, spec.weights.output, spec.weights.feature)):
+            problems.append((("distill", "weights"), "every weight is 0: nothing would train the student"))
         return problems
