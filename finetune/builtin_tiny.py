@@ -104,7 +104,8 @@ Chance: colour 1/6, shape 1/5, position 1/9.
 
 def export(run: Path, target: Path) -> dict:
     from .evaluate import evaluate_variants, load_prompt_set
-    from .sampling import CascadeVariant, SampleSettings
+    from .recipe.schema import EvalSpec, SampleSpec
+    from .sampling import CascadeVariant
 
     source = run / "cascade"
     if not (run / "finished.json").exists() or not (source / "stage_I").is_dir():
@@ -113,17 +114,18 @@ def export(run: Path, target: Path) -> dict:
         shutil.copytree(source, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("finetune.json"))
         to_fp16(tmp)
-    settings = SampleSettings(steps=30, steps_II=50, batch_size=32)
+    sample = SampleSpec(steps=30, steps_II=50, batch_size=32)
     prompt_sets = {name: load_prompt_set(spec) for name, spec in EVAL_SETS.items()}
     cascade = Cascade.from_spec(str(target))
     scores = {}
     for label, stages in (("stage I (32px)", ["I"]), ("cascade (64px)", ["I", "II"])):
-        result = evaluate_variants(cascade, [CascadeVariant("trained")], prompt_sets, settings,
-                                   run / "export" / label.split()[0], progress=None, stages=stages)
+        spec = EvalSpec(sample=sample, stages=stages, metrics=["judge"])
+        result = evaluate_variants(cascade, [CascadeVariant("trained")], prompt_sets, spec,
+                                   run / "export" / label.split()[0])
         scores[label] = {name: r["trained"] for name, r in result.items()}
-    (target / "README.md").write_text(card(run, target, scores, vars(settings)))
+    (target / "README.md").write_text(card(run, target, scores, sample.model_dump()))
     (target / "eval.json").write_text(json.dumps({"results": scores, "prompt_sets": EVAL_SETS,
-                                                  "sample": vars(settings)}, indent=2))
+                                                  "sample": sample.model_dump()}, indent=2))
     return scores
 
 

@@ -81,3 +81,17 @@ class StageObjective:
             loss = loss + self.vlb_weight * vlb
             metrics["loss_vlb"] = vlb.mean().detach()
         return loss, metrics
+
+
+def stage_objective(cascade, stage: str, train, vlb_weight: float | None = None) -> StageObjective:
+    """The objective of one stage of a cascade under the recipe's `train` settings."""
+    vlb_weight = train.vlb_weight if vlb_weight is None else vlb_weight
+    scheduler = cascade.load_scheduler(stage)
+    if not cascade.is_super_resolution(stage):
+        return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
+    low = train.stage_II.low_size
+    if low is None:
+        low = cascade.resolution("I") if "I" in cascade.stage_dirs else cascade.resolution(stage) // 4
+    return StageObjective(scheduler, cascade.load_image_noising_scheduler(stage), low,
+                          train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
+                          train.variance, vlb_weight)

@@ -94,12 +94,31 @@ def eval_table(run: Path) -> list[str]:
     lines = []
     for name, by_variant in data["results"].items():
         by_variant = {v: by_variant[v] for v in data.get("variants", by_variant) if v in by_variant}
-        attrs = [a for a in ("colour", "shape", "count", "position", "overall")
-                 if any(a in r for r in by_variant.values())]
-        rows = [[variant] + [f"{r[a]:.1%}" if a in r else "-" for a in attrs] + [str(r.get("n", ""))]
+        attrs = [a for a in JUDGE_COLUMNS + METRIC_COLUMNS if any(a in r for r in by_variant.values())]
+        rows = [[variant] + [_cell(a, r) for a in attrs] + [str(r.get("n", ""))]
                 for variant, r in by_variant.items()]
         lines += [f"**{name}** (`{data['prompt_sets'][name]}`)", ""] + _table(["variant"] + attrs + ["n"], rows) + [""]
+        extractors = sorted({r["extractor"] for r in by_variant.values() if "extractor" in r})
+        if extractors:
+            lines += [f"FID/KID features: {', '.join(extractors)} (see finetune/metrics.py: the offline"
+                      " extractor's numbers compare only within this kit). val_loss_S: denoising loss of"
+                      " stage S on the set's reference images, same noise for every variant.", ""]
     return lines
+
+
+JUDGE_COLUMNS = ("colour", "shape", "count", "position", "overall")
+METRIC_COLUMNS = ("fid", "kid", "clip_score", "val_loss_I", "val_loss_II", "val_loss_III")
+
+
+def _cell(column: str, result: dict) -> str:
+    if column not in result:
+        return "-"
+    value = result[column]
+    if column in JUDGE_COLUMNS:
+        return f"{value:.1%}"
+    if column == "kid" and "kid_std" in result:
+        return f"{value:.4f} ± {result['kid_std']:.4f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def data_summary(run: Path) -> list[str]:

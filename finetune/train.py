@@ -30,7 +30,7 @@ from .faults import crash_point
 from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .loggers import MetricSinks
 from .methods import FullMethod, make_method
-from .objective import StageObjective
+from .objective import StageObjective, stage_objective
 from .phase_data import PhaseData, load_phase_data
 from .rundir import STUDENTS, RunDir
 from .schedule import set_lr, step_decay_lr
@@ -123,20 +123,10 @@ class Trainer:
         self.text_cache.reload()  # other processes re-read the shards the main one wrote
 
     def objective(self, stage: str, phase=None) -> StageObjective:
-        train = self.recipe.train
-        vlb_weight = train.vlb_weight
+        vlb_weight = None
         if phase is not None and phase.loss.vlb_weight is not None:
             vlb_weight = phase.loss.vlb_weight
-        scheduler = self.cascade.load_scheduler(stage)
-        if not self.cascade.is_super_resolution(stage):
-            return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
-        low = train.stage_II.low_size
-        if low is None:
-            low = (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs
-                   else self.cascade.resolution(stage) // 4)
-        return StageObjective(scheduler, self.cascade.load_image_noising_scheduler(stage), low,
-                              train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
-                              train.variance, vlb_weight)
+        return stage_objective(self.cascade, stage, self.recipe.train, vlb_weight)
 
     # ------------------------------------------------------------------ one unit
     def phase_at(self, phase_index: int):
@@ -570,7 +560,8 @@ def evaluate_run(trainer: Trainer, summary: RunSummary) -> None:
         return
     summary.evaluation = evaluate_run_dir(
         trainer.run.path, trainer.cascade, spec, spec.prompt_sets,
-        trained_variants(trainer.run.path, trainer.method.name), trainer.progress, trainer.say)
+        trained_variants(trainer.run.path, trainer.method.name), trainer.progress, trainer.say,
+        trainer.recipe.train)
 
 
 def evaluate_finished_run(loaded, run: Path, prompt_sets: dict[str, str]) -> dict:
@@ -584,7 +575,7 @@ def evaluate_finished_run(loaded, run: Path, prompt_sets: dict[str, str]) -> dic
                                 recipe.cascade.revision, cache_dir)
     results = evaluate_run_dir(run, cascade, recipe.eval, prompt_sets,
                                trained_variants(run, recipe.method),
-                               lambda n, d: tqdm(total=n, desc=d, leave=False), tqdm.write)
+                               lambda n, d: tqdm(total=n, desc=d, leave=False), tqdm.write, recipe.train)
     write_report(run)
     return results
 

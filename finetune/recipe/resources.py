@@ -45,6 +45,7 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
             load_prompt_set(prompts)
         except UserError as exc:
             problems.append((("eval", "prompt_sets", name), str(exc).split(": ", 1)[-1]))
+    problems += _eval_files(recipe.eval)
     spec = recipe.cascade
     if spec.path and spec.path.startswith(BUILTIN_PREFIX) and not spec.stage_paths:
         name = spec.path[len(BUILTIN_PREFIX):]
@@ -89,3 +90,20 @@ def _empty_unet(cascade, stage: str):
 
     with init_empty_weights():
         return UNet2DConditionModel.from_config(cascade.unet_config(stage))
+
+
+def _eval_files(spec) -> list[tuple[tuple, str]]:
+    from ..metrics import OFFLINE
+
+    problems = []
+    if spec.feature_extractor != OFFLINE and not Path(spec.feature_extractor).expanduser().is_file():
+        problems.append((("eval", "feature_extractor"), f"'{spec.feature_extractor}' is neither offline nor"
+                         " an Inception weights file (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)"))
+    if spec.clip_model and not (Path(spec.clip_model).expanduser() / "config.json").is_file():
+        problems.append((("eval", "clip_model"), f"'{spec.clip_model}' is not a local CLIP folder (no config.json)"))
+    for name, folder in spec.reference_images.items():
+        if name not in spec.prompt_sets:
+            problems.append((("eval", "reference_images", name), f"no prompt set named '{name}' in eval.prompt_sets"))
+        elif not Path(folder).expanduser().is_dir():
+            problems.append((("eval", "reference_images", name), f"folder '{folder}' does not exist"))
+    return problems

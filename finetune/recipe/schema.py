@@ -195,6 +195,18 @@ class EvalSpec(Strict):
         " output alone."))
     grid: int = Field(16, ge=1, description="Images per sample grid.")
     sample: SampleSpec = Field(default_factory=SampleSpec)
+    metrics: list[Literal["judge", "fid", "kid", "clip_score", "val_loss"]] = Field(
+        default_factory=lambda: ["judge", "fid", "kid", "clip_score", "val_loss"], description=(
+            "judge: needs ground truth (synth prompt sets); fid, kid, val_loss: need reference"
+            " images (synth prompt sets render theirs; else eval.reference_images); clip_score:"
+            " needs eval.clip_model. A metric whose input is missing is left out."))
+    feature_extractor: str = Field("offline", description=(
+        "FID/KID features: offline (kit-random-conv-v1, no download; comparable only within"
+        " this kit) or a path to torch-fidelity's Inception weights .pth. See finetune/metrics.py."))
+    clip_model: str | None = Field(None, description="Local CLIP folder (CLIPModel + CLIPProcessor) for clip_score.")
+    reference_images: dict[str, str] = Field(default_factory=dict, description=(
+        "prompt set name: folder of real image-caption pairs (any data layout) for FID/KID and"
+        " the validation loss of that set."))
 
 
 class WandbSpec(Strict):
