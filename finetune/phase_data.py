@@ -34,6 +34,18 @@ class PhaseData:
                 "skipped_samples": [{"where": r.where, "reason": r.reason} for r in self.rejected],
                 "warnings": self.warnings, "stats": self.stats}
 
+    @classmethod
+    def concat(cls, parts: list["PhaseData"]) -> "PhaseData":
+        """Several phases' data as one set (distillation on everything the teacher saw)."""
+        if len(parts) == 1:
+            return parts[0]
+        held = [p.validation for p in parts if p.validation is not None]
+        digest = hashlib.sha256(json.dumps([p.fingerprint for p in parts]).encode()).hexdigest()[:16]
+        return cls([c for p in parts for c in p.captions],
+                   {s: torch.cat([p.pixels[s] for p in parts]) for s in parts[0].pixels},
+                   [r for p in parts for r in p.rejected], " + ".join(p.source for p in parts), digest,
+                   [w for p in parts for w in p.wheres], cls.concat(held) if held else None)
+
     def subset(self, keep: list[int]) -> "PhaseData":
         return PhaseData([self.captions[i] for i in keep], {s: p[keep] for s, p in self.pixels.items()},
                          [], self.source, self.fingerprint, [self.wheres[i] for i in keep])

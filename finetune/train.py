@@ -98,10 +98,9 @@ class Trainer:
             if long:
                 self.say(f"phase {name}: {len(long)} caption(s) longer than {MAX_LENGTH} tokens are"
                          " truncated (see data_report.json)")
-        if recipe.distill is not None:  # the student learns on the named phase's data
-            source = next((p.name for p in recipe.phases if p.name == recipe.distill.data),
-                          recipe.phases[-1].name)
-            self.phase_data[recipe.distill_phase().name] = self.phase_data[source]
+        if recipe.distill is not None:  # the student learns on the named phases' data
+            self.phase_data[recipe.distill_phase().name] = PhaseData.concat(
+                [self.phase_data[name] for name in recipe.distill.data_phases(recipe.phases)])
         if self.main:
             atomic.write_json(self.run / "data_report.json", report)
         self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),

@@ -66,7 +66,7 @@ CASES = [
     ("unknown-builtin", _swap("path: {cascade},", "path: builtin:huge,"), "unknown builtin cascade"),
     ("unknown-synth-split", _swap("path: {data}", "path: 'synth:nope?n=4'"), "unknown synth split"),
     ("missing-eval-prompts", GOOD + "eval: {{prompt_sets: {{held: {out}/none.txt}}}}\n", "eval.prompt_sets.held"),
-    ("distill-unknown-phase", GOOD + "distill: {{steps: 2, data: domian}}\n", "distill.data: no phase named 'domian'"),
+    ("distill-unknown-phase", GOOD + "distill: {{steps: 2, data: [domian]}}\n", "distill.data.0: no phase named 'domian'"),
     ("distill-too-many-levels", GOOD + "distill: {{steps: 2, student: {{drop_levels: 2}}}}\n", "distill.student.drop_levels"),
     ("distill-nothing-trains", GOOD + "distill: {{steps: 2, weights: {{task: 0, output: 0, feature: 0}}}}\n", "distill.weights"),
     ("distill-channel-scale-zero", GOOD + "distill: {{steps: 2, student: {{channel_scale: 0}}}}\n", "distill.student.channel_scale"),

@@ -272,12 +272,17 @@ class DistillWeights(Strict):
 class DistillSpec(Strict):
     stages: list[StageName] | None = Field(None, description="Stages to distil (default: every trained stage).")
     student: StudentSpec = Field(default_factory=StudentSpec)
-    data: str | None = Field(None, description="Name of the phase whose data trains the student (default: the last phase).")
+    data: list[str] | None = Field(None, description=(
+        "Names of the phases whose data trains the student (default: every phase's: the student"
+        " imitates the teacher on all it was trained on). Example: [domain]"))
     steps: PerStageCount = Field(..., description="Optimizer steps per distilled stage: one number or {I: 2000, II: 500}.")
     batch_size: PerStageCount | None = Field(None, description="Overrides optim.batch_size: one number or per stage.")
     lr: LRSpec = Field(default_factory=LRSpec, description=(
         "The student's own schedule (every student weight trains, so not the adapter's rate)."))
     weights: DistillWeights = Field(default_factory=DistillWeights)
+
+    def data_phases(self, phases: list[PhaseSpec]) -> list[str]:
+        return list(self.data) if self.data else [p.name for p in phases]
 
     def as_phase(self, data: DataSpec) -> PhaseSpec:
         """The distillation as one more training phase, named 'distill'."""
@@ -317,7 +322,8 @@ class Recipe(Strict):
         """The distill block as a phase (its data is the named phase's data)."""
         if self.distill is None:
             return None
-        source = next((p for p in self.phases if p.name == self.distill.data), self.phases[-1])
+        first = self.distill.data_phases(self.phases)[0]
+        source = next((p for p in self.phases if p.name == first), self.phases[-1])
         return self.distill.as_phase(source.data)
 
     def check(self) -> list[tuple[tuple, str]]:
@@ -367,8 +373,9 @@ class Recipe(Strict):
         names = [p.name for p in self.phases]
         if DISTILL_PHASE in names:
             problems.append((("phases",), f"'{DISTILL_PHASE}' is the distill block's phase name; rename that phase"))
-        if spec.data is not None and spec.data not in names:
-            problems.append((("distill", "data"), f"no phase named '{spec.data}' (phases: {', '.join(names)})"))
+        for i, name in enumerate(spec.data or []):
+            if name not in names:
+                problems.append((("distill", "data", i), f"no phase named '{name}' (phases: {', '.join(names)})"))
         for stage in spec.stages or []:
             if stage not in stages:
                 problems.append((("distill", "stages"), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
