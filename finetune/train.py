@@ -239,6 +239,8 @@ class Trainer:
             self.run.truncate_metrics(unit, start)
         unet.train()
         model, optimizer = self.acc.prepare(unet, optimizer)
+        if recipe.train.compile:  # self.plain(model) gives the UNet back for state and export
+            model = torch.compile(model)
         order = BatchOrder(len(data.captions), batch, recipe.seed, unit)
         offset = self.schedule_offset(phase_index, stage)
         bar = tqdm(range(start, steps), initial=start, total=steps,
@@ -290,7 +292,7 @@ class Trainer:
                                   teacher=str(init_from), feature_pairs=self.distiller.pairs)
             with resource_errors(f"the result of {unit} in {out_dir}",
                                  "the checkpoints are intact"):
-                self.export(self.acc.unwrap_model(model), out_dir, provenance, ema, method)
+                self.export(self.plain(model), out_dir, provenance, ema, method)
             self.run.mark_completed(unit)
         self.acc.wait_for_everyone()
         self.acc.free_memory()
@@ -399,6 +401,11 @@ class Trainer:
                             "use bf16 instead of fp16, or check the data, then --resume")
         self.say(f"{where}: step skipped ({skipped} so far)")
 
+    def plain(self, model):
+        """The UNet itself: without the DDP wrapper and without torch.compile's wrapper (whose
+        state_dict keys carry an `_orig_mod.` prefix)."""
+        return self.acc.unwrap_model(model, keep_torch_compile=False)
+
     def extras(self) -> list:
         """Training-only modules of the unit (contrastive heads, distillation projections):
         optimised and checkpointed with the UNet, never exported."""
@@ -458,7 +465,7 @@ class Trainer:
         prompts = self.sample_prompts(data)
         embeds = self.text_cache.get(prompts).to(self.acc.device)
         negative = self.text_cache.get([""] * len(prompts)).to(self.acc.device)
-        unet = self.acc.unwrap_model(model)
+        unet = self.plain(model)
         was_training = unet.training
         unet.eval()
         common = dict(tokenizer=None, text_encoder=None, unet=unet, scheduler=self.cascade.load_scheduler(stage),
@@ -503,7 +510,7 @@ class Trainer:
     def checkpoint(self, model, optimizer, unit: str, step: int, ema: EMA | None = None,
                    method=None) -> None:
         if self.main:
-            tensors = (method or self.method).state(self.acc.unwrap_model(model))
+            tensors = (method or self.method).state(self.plain(model))
             if ema is not None:
                 tensors.update(ema.state())
             for extra in self.extras():

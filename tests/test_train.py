@@ -268,3 +268,23 @@ def test_phase_loss_override_changes_training(recipe_factory):
     assert not _same(_adapter(plain), _adapter(dropped))
     general = Path("phases/general/stage_I") / ADAPTER
     assert _same(load_file(str(plain / general)), load_file(str(dropped / general)))
+
+
+def test_train_compile_wraps_the_trained_unet_and_exports_the_plain_one(recipe_factory, monkeypatch):
+    """Real inductor compilation takes minutes on this CPU (measured in docs/performance.md):
+    the test compiles with dynamo's eager backend, which wraps the UNet the same way."""
+    import torch
+
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    path = recipe_factory(steps=2, train=", compile: true")
+    assert main(["run", str(path)]) == 0
+    assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]  # one per unit
+    adapter = load_file(str(path.parent / "run" / "adapters/stage_I/pytorch_lora_weights.safetensors"))
+    assert adapter and not any("_orig_mod" in k for k in adapter)
