@@ -205,11 +205,10 @@ def trained_variant(run: Path, method: str):
 def student_variant(run: Path, trained):
     """The run with its distilled students in place of the stages they replace (the other
     stages keep the trained result), or None when the run has no students."""
-    from .rundir import STUDENTS
+    from .publish import run_students
     from .sampling import CascadeVariant
 
-    folders = {p.name.split("_", 1)[1]: p for p in sorted((run / STUDENTS).glob("stage_*"))
-               if (p / "config.json").exists()}
+    folders = run_students(run)
     if not folders:
         return None
     return CascadeVariant("student",

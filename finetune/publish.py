@@ -145,8 +145,30 @@ def usage_snippet(ids: dict[str, str], stages: list[str], recipe: dict, repo: st
     return "\n".join(lines)
 
 
+def run_students(run: Path) -> dict[str, Path]:
+    from .rundir import STUDENTS
+
+    return {p.name.split("_", 1)[1]: p for p in sorted((run / STUDENTS).glob("stage_*"))
+            if (p / "config.json").exists()}
+
+
+def student_lines(students: list[str], repo: str) -> list[str]:
+    """The card's section on distilled students: what they are and how to swap one in."""
+    if not students:
+        return []
+    return ["## Distilled students", "",
+            f"Smaller UNets distilled from the adapted stage(s) {', '.join(students)} (see the"
+            " evaluation table's `student` row), as `save_pretrained` folders under `students/`."
+            " They replace the stage's UNet in the stock pipeline, with no adapter:", "",
+            "```python",
+            "from diffusers import IFPipeline, UNet2DConditionModel",
+            f'student = UNet2DConditionModel.from_pretrained("{repo}", subfolder="students/stage_{students[0]}")',
+            f'pipe = IFPipeline.from_pretrained(BASE_STAGE_{students[0]}, unet=student)  # the base stage folder or hub id',
+            "```", ""]
+
+
 def model_card(run: Path, recipe: dict, cascade: Cascade, stages: list[str], repo: str,
-               samples: list[Path]) -> str:
+               samples: list[Path], students: list[str] | None = None) -> str:
     ids = base_ids(recipe, cascade)
     triggers = sorted({(p.get("data", {}).get("caption_prefix") or "").strip()
                        for p in recipe["phases"]} - {""})
@@ -185,7 +207,7 @@ def model_card(run: Path, recipe: dict, cascade: Cascade, stages: list[str], rep
     if samples:
         body += ["## Samples", ""] + [f"![{p.parent.name} {p.stem}]({p.as_posix()})" for p in samples] + [""]
     body += ["## Usage", "", "```python", usage_snippet(loadable_ids(recipe, cascade), stages, recipe, repo),
-             "```", "",
+             "```", "", *student_lines(students or [], repo),
              "The recipe that produced these adapters is `recipe.yaml`."]
     return "---\n" + yaml.safe_dump({k: v for k, v in front.items() if v is not None},
                                     sort_keys=False) + "---\n" + "\n".join(body) + "\n"
@@ -198,6 +220,10 @@ def publish(run: Path, out: Path, repo: str | None = None) -> Path:
         for stage, folder in found.items():
             (tmp / f"stage_{stage}").mkdir()
             shutil.copyfile(folder / adapters.WEIGHT_NAME, tmp / f"stage_{stage}" / adapters.WEIGHT_NAME)
+        students = run_students(run)
+        for stage, folder in students.items():
+            shutil.copytree(folder, tmp / "students" / f"stage_{stage}",
+                            ignore=shutil.ignore_patterns("finetune.json"))
         samples = []
         for grid in sorted((run / "samples").glob("*/*.png")) if (run / "samples").exists() else []:
             target = Path("samples") / grid.parent.name / grid.name
@@ -207,7 +233,8 @@ def publish(run: Path, out: Path, repo: str | None = None) -> Path:
         shutil.copyfile(run / "resolved_recipe.yaml", tmp / "recipe.yaml")
         if (run / "eval.json").exists():
             shutil.copyfile(run / "eval.json", tmp / "eval.json")
-        (tmp / "README.md").write_text(model_card(run, recipe, cascade, sorted(found), repo or ".", samples))
+        (tmp / "README.md").write_text(model_card(run, recipe, cascade, sorted(found), repo or ".", samples,
+                                                  sorted(students)))
     return out
 
 

@@ -184,6 +184,13 @@ def test_a_tiny_distillation_runs_end_to_end_resumes_exactly_and_loads_in_the_st
     after = load_file(str(run / "students/stage_II/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)  # train.deterministic: bit-exact
 
+    # the publish folder carries the students, and the card says how to use them
+    assert main(["publish", str(run)]) == 0
+    published = run / "publish"
+    assert UNet2DConditionModel.from_pretrained(published / "students" / "stage_II").mid_block is None
+    card = (published / "README.md").read_text()
+    assert "## Distilled students" in card and 'subfolder="students/stage_I"' in card
+
     # sample through the students from the command line
     assert main(["sample", str(run), "--student", "--prompt", "a red circle", "--steps", "2",
                  "--steps-II", "2", "--out", str(run / "cli")]) == 0
