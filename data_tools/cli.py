@@ -64,10 +64,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cmd_synth(args) -> int:
-    from .synth import write_split
+    from .synth import write_prompt_set, write_split
 
     out = write_split(args.out, args.split, args.n, args.size, args.seed)
     print(f"wrote {args.n} images of split '{args.split}' to {out}")
+    if args.heldout:
+        target = write_prompt_set(args.heldout, args.split, args.heldout_n, args.seed)
+        print(f"wrote {args.heldout_n} held-out prompts with ground truth to {target} "
+              f"(eval.prompt_sets: {{{args.split}: {target}}})")
     return 0
 
 
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("-n", type=int, default=256)
     syn.add_argument("--size", type=int, default=64)
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--heldout", metavar="FILE.jsonl", help="also write held-out prompts with their ground truth")
+    syn.add_argument("--heldout-n", type=int, default=64)
     jud = sub.add_parser("judge", help="score images against their ground truth (metadata.jsonl)")
     jud.add_argument("folder")
     jud.add_argument("--json", action="store_true")

@@ -141,6 +141,18 @@ def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: i
     return out_dir
 
 
+def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0) -> Path:
+    """Held-out prompts of a split with their ground truth, one JSON object per line
+    ({"prompt", "truth"}: what `eval.prompt_sets` and the judge read)."""
+    from finetune.atomic import atomic_path
+
+    target = Path(target)
+    rows = [{"prompt": s.caption(), "truth": asdict(s)} for s in prompt_set(split, n, seed)]
+    with atomic_path(target) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
 def parse_synth_path(path: str) -> tuple[str, dict]:
     body = path[len("synth:"):]
     split, _, query = body.partition("?")

@@ -57,3 +57,18 @@ def test_synth_and_judge_commands(tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert scores["overall"] > 0.95
     assert main(["judge", str(tmp_path)]) == 2
+
+
+def test_synth_writes_held_out_prompts_with_truth_that_eval_reads_and_the_judge_confirms(tmp_path, capsys):
+    from data_tools.cli import main
+    from finetune.evaluate import References, judge_images, load_prompt_set
+
+    target = tmp_path / "heldout.jsonl"
+    assert main(["synth", str(tmp_path / "d"), "--split", "domain", "-n", "4",
+                 "--heldout", str(target), "--heldout-n", "30"]) == 0
+    assert str(target) in capsys.readouterr().out
+    prompts = load_prompt_set(str(target))
+    assert len(prompts) == 30 and all(p.truth for p in prompts)
+    # drawing each prompt's ground truth gives images the judge accepts: the truth is right
+    images = References.for_synth(prompts).pil(64)
+    assert judge_images(images, prompts)["overall"] > 0.95
