@@ -288,3 +288,40 @@ def test_train_compile_wraps_the_trained_unet_and_exports_the_plain_one(recipe_f
     assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]  # one per unit
     adapter = load_file(str(path.parent / "run" / "adapters/stage_I/pytorch_lora_weights.safetensors"))
     assert adapter and not any("_orig_mod" in k for k in adapter)
+
+
+@pytest.fixture
+def fp32_adapter(recipe_factory):
+    path = recipe_factory(steps=2, batch=4, out="baseline", name="baseline.yaml")
+    assert main(["run", str(path)]) == 0
+    return load_file(str(path.parent / "baseline" / "adapters/stage_I/pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("train,tolerance", [
+    (", gradient_checkpointing: true", 1e-6),  # recomputes activations: the same maths
+    (", mixed_precision: bf16", 5e-3),         # autocast: bf16 matmuls, fp32 master weights
+])
+def test_memory_features_train_the_same_adapter(recipe_factory, fp32_adapter, train, tolerance):
+    path = recipe_factory(steps=2, batch=4, train=train)
+    # A process picks its mixed precision once (accelerate's state is a singleton): run the
+    # CLI in its own process, as a user does.
+    proc = subprocess.run([sys.executable, "-m", "finetune", "run", str(path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_file(str(path.parent / "run" / "adapters/stage_I/pytorch_lora_weights.safetensors"))
+    assert got.keys() == fp32_adapter.keys()
+    assert all(v.dtype == fp32_adapter[k].dtype for k, v in got.items())  # saved in the weights' dtype
+    diff = max((got[k] - fp32_adapter[k]).abs().max().item() for k in got)
+    moved = max((fp32_adapter[k]).abs().max().item() for k in got if "lora_B" in k)
+    assert moved > 0, "the baseline trained"
+    assert diff <= tolerance, diff
+
+
+def test_gradient_accumulation_matches_the_same_global_batch(recipe_factory, fp32_adapter):
+    path = recipe_factory(steps=2, batch=4, extra="", train="")
+    assert main(["run", str(path), "--set", "optim.grad_accum=2"]) == 0
+    got = load_file(str(path.parent / "run" / "adapters/stage_I/pytorch_lora_weights.safetensors"))
+    # two micro-batches of 2 sum to the gradient of one batch of 4, up to float summation
+    # order (~1e-6 after Adam's normalisation); a micro-batch lost or counted twice moves the
+    # update by about the learning rate (1e-4)
+    assert max((got[k] - fp32_adapter[k]).abs().max().item() for k in got) < 1e-5
