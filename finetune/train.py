@@ -161,11 +161,15 @@ class Trainer:
         method.prepare(unet, stage)
         if init_from is not None:
             self.method.load_exported(unet, init_from)
-        if recipe.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if recipe.train.attention == "xformers":
-            unet.enable_xformers_memory_efficient_attention()
+        self.apply_memory_settings(unet)
         return unet
+
+    def apply_memory_settings(self, unet, trains: bool = True) -> None:
+        """The recipe's gradient checkpointing (for a UNet that trains) and attention kernels."""
+        if trains and self.recipe.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if self.recipe.train.attention == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
 
     def build_student(self, stage: str, teacher_from: Path, objective):
         """The student UNet and the distiller (teacher fused and frozen, hooks, projections)."""
@@ -187,11 +191,8 @@ class Trainer:
         torch.manual_seed(derive_seed(recipe.seed, "student-projections", stage))
         probe = probe_inputs(student, objective, self.cascade.text_dim(), MAX_LENGTH, "cpu")
         distiller = Distiller(teacher, student, spec.weights, probe).to(self.acc.device)
-        if recipe.train.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        if recipe.train.attention == "xformers":
-            student.enable_xformers_memory_efficient_attention()
-            teacher.enable_xformers_memory_efficient_attention()
+        self.apply_memory_settings(student)
+        self.apply_memory_settings(teacher, trains=False)
         return student, distiller
 
     def run_unit(self, phase_index: int, stage: str, init_from: Path | None) -> Path:
@@ -205,7 +206,8 @@ class Trainer:
         steps = phase.steps_for(stage)
         world = self.acc.num_processes
         if batch % (world * recipe.optim.grad_accum):
-            raise UserError(f"phases.{phase_index}: batch size {batch} must be divisible by "
+            where = "distill" if self.is_distill(phase_index) else f"phases.{phase_index}"
+            raise UserError(f"{where}: batch size {batch} must be divisible by "
                             f"processes x grad_accum ({world} x {recipe.optim.grad_accum})")
         lr_spec = phase.lr or recipe.optim.lr
         objective = self.objective(stage, phase)
