@@ -123,7 +123,9 @@ class References:
         first = prepare(found.records, 64, None)
         if not first.captions:
             raise UserError(f"{where}: no usable image-caption pairs in '{folder}' (see finetune-data inspect)")
-        return cls(first.captions, lambda size: prepare(found.records, size, None).pixels)
+        refs = cls(first.captions, lambda size: prepare(found.records, size, None).pixels)
+        refs._cache[64] = first.pixels  # already decoded: a 64px stage reuses it
+        return refs
 
 
 def references_for(spec, prompt_sets: dict[str, list[Prompt]], specs: dict[str, str]) -> dict[str, References]:

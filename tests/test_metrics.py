@@ -110,3 +110,14 @@ def test_missing_metric_inputs_are_named_before_training(recipe_factory, capsys,
     path = recipe_factory(extra=extra)
     assert main(["validate", str(path)]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_reference_images_from_a_data_folder(synth_general):
+    from finetune.evaluate import References
+
+    refs = References.for_folder(str(synth_general), "eval.reference_images.held")
+    assert len(refs.captions) == 24
+    assert refs.at(64).shape == (24, 3, 64, 64) and refs.at(32).shape == (24, 3, 32, 32)
+    assert len(refs.pil(32)) == 24 and refs.pil(32)[0].size == (32, 32)
+    with pytest.raises(Exception, match="does not exist"):
+        References.for_folder(str(synth_general / "nope"), "eval.reference_images.held")
