@@ -96,11 +96,17 @@ def render(scene: Scene, size: int, rng: np.random.Generator, supersample: int =
         cell = big / 3
         centres = [((s % 3 + 0.5) * cell, (s // 3 + 0.5) * cell) for s in slots]
     for cx, cy in centres:
-        if scene.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        else:
-            draw.polygon(_polygon(scene.shape, cx, cy, r), fill=colour)
+        draw_shape(draw, scene.shape, cx, cy, r, colour)
     return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """One shape of circumradius `r` centred at (cx, cy): shared by the renderer and the
+    judge's templates, so both draw the same geometry."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
 def random_scene(rng: np.random.Generator, shapes: list[str], colours: list[str],
