@@ -2,6 +2,7 @@
 
     finetune-data inspect PATH [--json]            what a run would train on, and what it would skip
     finetune-data synth OUT --split general -n 256 write a synthetic benchmark split
+                      [--style S] [--background B]
     finetune-data judge FOLDER [--json]            judge accuracy of images against their truth
 """
 from __future__ import annotations
@@ -66,10 +67,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def cmd_synth(args) -> int:
     from .synth import write_prompt_set, write_split
 
-    out = write_split(args.out, args.split, args.n, args.size, args.seed)
+    out = write_split(args.out, args.split, args.n, args.size, args.seed, args.style, args.background)
     print(f"wrote {args.n} images of split '{args.split}' to {out}")
     if args.heldout:
-        target = write_prompt_set(args.heldout, args.split, args.heldout_n, args.seed)
+        target = write_prompt_set(args.heldout, args.split, args.heldout_n, args.seed,
+                                  args.style, args.background)
         print(f"wrote {args.heldout_n} held-out prompts with ground truth to {target} "
               f"(eval.prompt_sets: {{{args.split}: {target}}})")
     return 0
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("-n", type=int, default=256)
     syn.add_argument("--size", type=int, default=64)
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--style", default=None, help="flat or outline (default: the split's own)")
+    syn.add_argument("--background", default=None,
+                     help="plain, white, black or gradient (default: the split's own)")
     syn.add_argument("--heldout", metavar="FILE.jsonl", help="also write held-out prompts with their ground truth")
     syn.add_argument("--heldout-n", type=int, default=64)
     jud = sub.add_parser("judge", help="score images against their ground truth (metadata.jsonl)")

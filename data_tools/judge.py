@@ -5,7 +5,8 @@ analysis (no model): foreground mask -> connected components -> per attribute.
 - colour:   the nearest palette colour to the mean RGB of the components' cores
 - shape:    analysis by synthesis: each candidate shape drawn (antialiased, by the renderer's
             own geometry) at the largest component's centroid and area, compared with the
-            component's soft coverage of the object colour; the closest wins
+            component's soft coverage of the object colour, holes filled (so an outline
+            drawing is judged by its silhouette); the closest wins
 - position: the 3x3 cell holding the component's centroid (single-object scenes only)
 """
 from __future__ import annotations
@@ -85,6 +86,21 @@ def coverage(img: np.ndarray, background: np.ndarray, colour: np.ndarray) -> np.
     return np.clip(t, 0.0, 1.0)
 
 
+def _filled(window: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """The window's coverage with the object's holes filled: an outline drawing is judged by
+    the silhouette it encloses. Holes are the pixels off the object that no path of other
+    off-object pixels links to the window's edge."""
+    on = np.zeros(window.shape, bool)
+    on[pixels[:, 0], pixels[:, 1]] = True
+    h, w = window.shape
+    filled = window.copy()
+    for region in components(~on):
+        rows, cols = region[:, 0], region[:, 1]
+        if not (rows.min() == 0 or cols.min() == 0 or rows.max() == h - 1 or cols.max() == w - 1):
+            filled[rows, cols] = 1.0
+    return filled
+
+
 def classify_shape(cover: np.ndarray, pixels: np.ndarray, shapes=ALL_SHAPES) -> str:
     """The shape whose antialiased drawing best matches the object's coverage, by analysis
     by synthesis: each candidate is drawn at the object's centroid with the size that gives
@@ -92,7 +108,7 @@ def classify_shape(cover: np.ndarray, pixels: np.ndarray, shapes=ALL_SHAPES) -> 
     h, w = cover.shape
     r0, c0 = np.maximum(pixels.min(0) - 2, 0)
     r1, c1 = np.minimum(pixels.max(0) + 3, (h, w))
-    window = cover[r0:r1, c0:c1]
+    window = _filled(cover[r0:r1, c0:c1], pixels - (r0, c0))
     total = float(window.sum())
     if total <= 0:
         return shapes[0]

@@ -1,15 +1,20 @@
 """The synthetic benchmark world: procedurally drawn shapes with captions a program can check.
 
-Each image holds 1-3 copies of one shape in one colour on a plain background. One object is
-placed in one of nine regions and its caption names the position ("a red circle at the top
-left"); several objects are captioned by count ("two blue squares"). Every image's ground
-truth (shape, colour, count, position) is stored beside the caption, so a judge can score
-generated images against their prompts.
+Each image holds 1-3 copies of one shape in one colour on a background. One object is placed
+in one of nine regions and its caption names the position ("a red circle at the top left");
+several objects are captioned by count ("two blue squares"). Every image's ground truth
+(shape, colour, count, position, style, background) is stored beside the caption, so a judge
+can score generated images against their prompts.
 
-Splits differ in controlled ways: `general` uses the base shapes and colours; `domain`
-introduces shapes (star, cross) and a colour (purple) the general split never shows.
-`synth:SPLIT?n=256&size=64&seed=0` in a recipe's `data.path` materialises a split in the
-cache on first use.
+Splits differ in controlled ways:
+- `general`: the base shapes and colours, flat, on the plain grey background;
+- `domain`: new shapes (star, cross) and a new colour (purple);
+- `outline`: the general content in a new style ("an outline drawing of ...");
+- `night`: the general content on a new background ("... on a black background").
+Any split can also be drawn in another style or on another background (`style=`,
+`background=`); captions name both whenever they differ from flat on plain, so the words
+always say what the picture shows. `synth:SPLIT?n=256&size=64&seed=0&style=..&background=..`
+in a recipe's `data.path` materialises a split in the cache on first use.
 """
 from __future__ import annotations
 
@@ -28,14 +33,25 @@ from finetune.errors import UserError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (240, 210, 20), "purple": (140, 40, 190), "orange": (245, 130, 20)}
-BACKGROUND = (235, 235, 235)
+BACKGROUND = (235, 235, 235)  # "plain"
+# top and bottom colour of each background (equal for solid ones); a gradient stays subtle
+# enough that the judge, which reads the background from the border, still separates objects
+BACKGROUNDS = {"plain": (BACKGROUND, BACKGROUND), "white": ((255, 255, 255),) * 2,
+               "black": ((20, 20, 20),) * 2, "gradient": ((245, 245, 245), (210, 222, 240))}
+STYLES = ("flat", "outline")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 ROWS = ["top", "middle", "bottom"]
 COLS = ["left", "center", "right"]
 
+GENERAL = {"shapes": ["circle", "square", "triangle"], "colours": ["red", "green", "blue", "yellow"]}
+# `stream` seeds each split's random numbers: fixed per split, so adding a split never
+# changes the images of another
 SPLITS = {
-    "general": {"shapes": ["circle", "square", "triangle"], "colours": ["red", "green", "blue", "yellow"]},
-    "domain": {"shapes": ["star", "cross"], "colours": ["red", "green", "blue", "yellow", "purple"]},
+    "general": dict(GENERAL, stream=1),
+    "domain": {"shapes": ["star", "cross"], "colours": ["red", "green", "blue", "yellow", "purple"],
+               "stream": 0},
+    "outline": dict(GENERAL, stream=2, style="outline"),
+    "night": dict(GENERAL, stream=3, background="black"),
 }
 
 
@@ -45,11 +61,19 @@ class Scene:
     colour: str
     count: int
     position: str | None  # "top left" ... for a single object
+    style: str = "flat"
+    background: str = "plain"
 
     def caption(self) -> str:
         if self.count == 1:
-            return f"a {self.colour} {self.shape} at the {self.position}"
-        return f"{COUNT_WORDS[self.count]} {self.colour} {self.shape}s"
+            text = f"a {self.colour} {self.shape} at the {self.position}"
+        else:
+            text = f"{COUNT_WORDS[self.count]} {self.colour} {self.shape}s"
+        if self.style != "flat":
+            text = f"an {self.style} drawing of {text}"
+        if self.background != "plain":
+            text = f"{text} on a {self.background} background"
+        return text
 
 
 def position_name(row: int, col: int) -> str:
@@ -80,7 +104,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 def render(scene: Scene, size: int, rng: np.random.Generator, supersample: int = 4) -> Image.Image:
     """Draw a scene (anti-aliased by supersampling)."""
     big = size * supersample
-    img = Image.new("RGB", (big, big), BACKGROUND)
+    img = _background(scene.background, big)
     draw = ImageDraw.Draw(img)
     colour = COLOURS[scene.colour]
     if scene.count == 1:
@@ -95,51 +119,90 @@ def render(scene: Scene, size: int, rng: np.random.Generator, supersample: int =
         slots = rng.permutation(9)[:scene.count]
         cell = big / 3
         centres = [((s % 3 + 0.5) * cell, (s // 3 + 0.5) * cell) for s in slots]
+    # an outline's stroke is a fixed share of the radius, so it survives down-sampling
+    stroke = max(1, round(r * 0.3)) if scene.style == "outline" else 0
     for cx, cy in centres:
-        draw_shape(draw, scene.shape, cx, cy, r, colour)
+        draw_shape(draw, scene.shape, cx, cy, r, colour, stroke)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    """One shape of circumradius `r` centred at (cx, cy): shared by the renderer and the
-    judge's templates, so both draw the same geometry."""
+def _background(name: str, size: int) -> Image.Image:
+    top, bottom = BACKGROUNDS[name]
+    if top == bottom:
+        return Image.new("RGB", (size, size), top)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    rows = (1 - ramp) * np.array(top, np.float32) + ramp * np.array(bottom, np.float32)
+    return Image.fromarray(np.broadcast_to(rows, (size, size, 3)).round().astype(np.uint8))
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill,
+               stroke: int = 0) -> None:
+    """One shape of circumradius `r` centred at (cx, cy), filled (stroke 0) or as an outline
+    `stroke` pixels wide: shared by the renderer and the judge's templates, so both draw the
+    same geometry."""
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if stroke:
+            draw.ellipse(box, outline=fill, width=stroke)
+        else:
+            draw.ellipse(box, fill=fill)
+    elif stroke:
+        draw.polygon(_polygon(shape, cx, cy, r), outline=fill, width=stroke)
     else:
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
 def random_scene(rng: np.random.Generator, shapes: list[str], colours: list[str],
-                 single_fraction: float = 0.6) -> Scene:
+                 single_fraction: float = 0.6, style: str = "flat", background: str = "plain") -> Scene:
     shape = shapes[rng.integers(len(shapes))]
     colour = colours[rng.integers(len(colours))]
     if rng.random() < single_fraction:
-        return Scene(shape, colour, 1, position_name(int(rng.integers(3)), int(rng.integers(3))))
-    return Scene(shape, colour, int(rng.integers(2, 4)), None)
+        return Scene(shape, colour, 1, position_name(int(rng.integers(3)), int(rng.integers(3))),
+                     style, background)
+    return Scene(shape, colour, int(rng.integers(2, 4)), None, style, background)
 
 
-def prompt_set(split: str, n: int, seed: int = 0) -> list[Scene]:
+def _look(split: str, style: str | None, background: str | None, where: str = "synth") -> tuple[dict, str, str]:
+    """A split's content spec and its style and background (the split's own unless given)."""
+    if split not in SPLITS:
+        raise UserError(f"{where}: unknown synth split '{split}' (known: {', '.join(SPLITS)})")
+    spec = SPLITS[split]
+    style = style or spec.get("style", "flat")
+    background = background or spec.get("background", "plain")
+    if style not in STYLES:
+        raise UserError(f"{where}: unknown synth style '{style}' (known: {', '.join(STYLES)})")
+    if background not in BACKGROUNDS:
+        raise UserError(f"{where}: unknown synth background '{background}' (known: {', '.join(BACKGROUNDS)})")
+    return spec, style, background
+
+
+def _scene_maker(split: str, style: str | None, background: str | None):
+    """scene(rng) for a split: validated now, drawn later (write_split interleaves scene
+    and rendering draws on one random stream, so scenes cannot be drawn ahead)."""
+    spec, style, background = _look(split, style, background)
+    return lambda rng: random_scene(rng, spec["shapes"], spec["colours"], style=style, background=background)
+
+
+def prompt_set(split: str, n: int, seed: int = 0, style: str | None = None,
+               background: str | None = None) -> list[Scene]:
     """Held-out prompts of a split with their ground truth (no images): what a generated
     image is judged against. Drawn from their own random stream, so a prompt set with the
     same seed as a training split does not repeat its scenes in order."""
-    if split not in SPLITS:
-        raise UserError(f"synth: unknown split '{split}' (known: {', '.join(SPLITS)})")
-    rng = np.random.default_rng([seed, sorted(SPLITS).index(split), 1])
-    spec = SPLITS[split]
-    return [random_scene(rng, spec["shapes"], spec["colours"]) for _ in range(n)]
+    make = _scene_maker(split, style, background)
+    rng = np.random.default_rng([seed, SPLITS[split]["stream"], 1])
+    return [make(rng) for _ in range(n)]
 
 
-def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: int = 0) -> Path:
+def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: int = 0,
+                style: str | None = None, background: str | None = None) -> Path:
     """Write `n` images of a split as an imagefolder (metadata.jsonl with ground truth)."""
-    if split not in SPLITS:
-        raise UserError(f"synth: unknown split '{split}' (known: {', '.join(SPLITS)})")
-    rng = np.random.default_rng([seed, sorted(SPLITS).index(split)])
-    spec = SPLITS[split]
+    make = _scene_maker(split, style, background)
+    rng = np.random.default_rng([seed, SPLITS[split]["stream"]])
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         rows = []
         for i in range(n):
-            scene = random_scene(rng, spec["shapes"], spec["colours"])
+            scene = make(rng)
             name = f"{i:05d}.png"
             render(scene, size, rng).save(tmp / name)
             rows.append({"file_name": name, "text": scene.caption(), "truth": asdict(scene)})
@@ -147,30 +210,48 @@ def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: i
     return out_dir
 
 
-def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0) -> Path:
+def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0,
+                     style: str | None = None, background: str | None = None) -> Path:
     """Held-out prompts of a split with their ground truth, one JSON object per line
     ({"prompt", "truth"}: what `eval.prompt_sets` and the judge read)."""
     from finetune.atomic import atomic_path
 
     target = Path(target)
-    rows = [{"prompt": s.caption(), "truth": asdict(s)} for s in prompt_set(split, n, seed)]
+    rows = [{"prompt": s.caption(), "truth": asdict(s)}
+            for s in prompt_set(split, n, seed, style, background)]
     with atomic_path(target) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return target
 
 
+INT_PARAMS = ("n", "size", "seed")
+LOOK_PARAMS = ("style", "background")
+
+
 def parse_synth_path(path: str) -> tuple[str, dict]:
+    """`synth:SPLIT?n=..&size=..&seed=..&style=..&background=..` -> (split, params). Style and
+    background appear in params only when given (a split's own look otherwise)."""
     body = path[len("synth:"):]
     split, _, query = body.partition("?")
-    params = {"n": 256, "size": 64, "seed": 0}
+    params: dict = {"n": 256, "size": 64, "seed": 0}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in params:
-            raise UserError(f"{path}: unknown synth parameter '{key}' (n, size, seed)")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            raise UserError(f"{path}: synth parameter {key} must be an integer") from None
+        if key in LOOK_PARAMS:
+            params[key] = value
+        elif key in INT_PARAMS:
+            try:
+                params[key] = int(value)
+            except ValueError:
+                raise UserError(f"{path}: synth parameter {key} must be an integer") from None
+        else:
+            raise UserError(f"{path}: unknown synth parameter '{key}' ({', '.join(INT_PARAMS + LOOK_PARAMS)})")
+    _look(split, params.get("style"), params.get("background"), path)  # names checked here, with the path
     return split, params
+
+
+def synth_prompts(path: str) -> list[Scene]:
+    """The held-out prompts a `synth:` prompt-set path names."""
+    split, params = parse_synth_path(path)
+    return prompt_set(split, params["n"], params["seed"], params.get("style"), params.get("background"))
 
 
 def materialize(path: str, cache_dir: Path) -> Path:
@@ -179,5 +260,5 @@ def materialize(path: str, cache_dir: Path) -> Path:
     key = hashlib.sha1(json.dumps([split, params], sort_keys=True).encode()).hexdigest()[:12]
     target = Path(cache_dir) / "synth" / f"{split}-{key}"
     if not (target / "metadata.jsonl").exists():
-        write_split(target, split, params["n"], params["size"], params["seed"])
+        write_split(target, split, **params)
     return target

@@ -25,10 +25,9 @@ class Prompt:
 
 def load_prompt_set(spec: str, where: str = "eval.prompt_sets") -> list[Prompt]:
     if spec.startswith("synth:"):
-        from data_tools.synth import parse_synth_path, prompt_set
+        from data_tools.synth import synth_prompts
 
-        split, params = parse_synth_path(spec)
-        return [Prompt(s.caption(), asdict(s)) for s in prompt_set(split, params["n"], params["seed"])]
+        return [Prompt(s.caption(), asdict(s)) for s in synth_prompts(spec)]
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"{where}: prompt file '{spec}' does not exist (give synth:SPLIT?n=..&seed=.., "

@@ -65,6 +65,7 @@ CASES = [
     ("cascade-is-a-file", _swap("path: {cascade},", "path: {data}/metadata.jsonl,"), "cascade.path"),
     ("unknown-builtin", _swap("path: {cascade},", "path: builtin:huge,"), "unknown builtin cascade"),
     ("unknown-synth-split", _swap("path: {data}", "path: 'synth:nope?n=4'"), "unknown synth split"),
+    ("unknown-synth-background", _swap("path: {data}", "path: 'synth:general?background=moon'"), "unknown synth background 'moon'"),
     ("missing-eval-prompts", GOOD + "eval: {{prompt_sets: {{held: {out}/none.txt}}}}\n", "eval.prompt_sets.held"),
     ("distill-unknown-phase", GOOD + "distill: {{steps: 2, data: [domian]}}\n", "distill.data.0: no phase named 'domian'"),
     ("distill-too-many-levels", GOOD + "distill: {{steps: 2, student: {{drop_levels: 2}}}}\n", "distill.student.drop_levels"),

@@ -76,3 +76,91 @@ def test_synth_writes_held_out_prompts_with_truth_that_eval_reads_and_the_judge_
     # drawing each prompt's ground truth gives images the judge accepts: the truth is right
     images = References.for_synth(prompts).pil(64)
     assert judge_images(images, prompts)["overall"] > 0.95
+
+
+# the looks: a new style, a new background, and other splits drawn on other backgrounds
+LOOKS = [("outline", None), ("night", None), ("general", "gradient"), ("domain", "white"),
+         ("outline", "black")]
+
+
+def _looks_world(split, background, size, n=60, seed=5):
+    from data_tools.synth import prompt_set
+
+    scenes = prompt_set(split, n, seed=seed, background=background)
+    rng = np.random.default_rng(seed)
+    return [render(s, size, rng) for s in scenes], [asdict(s) for s in scenes]
+
+
+@pytest.mark.parametrize("split,background", LOOKS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_is_right_in_every_style_and_on_every_background(split, background, size):
+    images, truths = _looks_world(split, background, size)
+    scores = accuracy(images, truths)
+    for attribute in ("colour", "shape", "count", "position"):
+        assert scores[attribute] > 0.95, (attribute, scores)
+    shuffled = truths[:]
+    random.Random(1).shuffle(shuffled)
+    assert accuracy(images, shuffled)["overall"] < 0.1
+
+
+def test_captions_say_the_style_and_background_they_show():
+    from data_tools.synth import Scene, prompt_set
+
+    scene = Scene("star", "purple", 1, "top left", "outline", "black")
+    assert scene.caption() == "an outline drawing of a purple star at the top left on a black background"
+    assert Scene("circle", "red", 2, None).caption() == "two red circles"  # flat on plain: unchanged
+    assert all(s.style == "outline" and s.caption().startswith("an outline drawing of ")
+               for s in prompt_set("outline", 20))
+    assert all(s.background == "black" and s.caption().endswith(" on a black background")
+               for s in prompt_set("night", 20))
+    general = prompt_set("general", 20, seed=4)
+    assert all(" drawing " not in s.caption() and "background" not in s.caption() for s in general)
+    # naming a split's own look changes nothing; another background changes only the look
+    assert prompt_set("general", 20, seed=4, style="flat", background="plain") == general
+    white = prompt_set("general", 20, seed=4, background="white")
+    assert [(s.shape, s.colour, s.count, s.position) for s in white] == \
+        [(s.shape, s.colour, s.count, s.position) for s in general]
+
+
+def test_an_outline_is_hollow_and_a_background_is_drawn():
+    from data_tools.synth import BACKGROUNDS, Scene
+
+    flat = np.asarray(render(Scene("circle", "red", 1, "center"), 64, np.random.default_rng(0)))
+    hollow = np.asarray(render(Scene("circle", "red", 1, "center", "outline"), 64, np.random.default_rng(0)))
+    assert tuple(flat[32, 32]) == (220, 30, 30)
+    assert tuple(hollow[32, 32]) == (235, 235, 235)
+    dark = np.asarray(render(Scene("circle", "red", 1, "center", background="black"), 64, np.random.default_rng(0)))
+    assert tuple(dark[0, 0]) == BACKGROUNDS["black"][0]
+    ramp = np.asarray(render(Scene("circle", "red", 1, "center", background="gradient"), 64, np.random.default_rng(0)))
+    assert ramp[0, 0].sum() > ramp[-1, 0].sum()  # light at the top, bluer below
+
+
+def test_unknown_looks_are_refused_with_the_known_names(tmp_path, capsys):
+    from data_tools.cli import main
+    from data_tools.synth import parse_synth_path
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match="unknown synth background 'moon'.*plain, white, black, gradient"):
+        parse_synth_path("synth:general?background=moon")
+    with pytest.raises(UserError, match="unknown synth style 'sketchy'.*flat, outline"):
+        parse_synth_path("synth:general?style=sketchy")
+    assert parse_synth_path("synth:outline?n=8&background=white") == \
+        ("outline", {"n": 8, "size": 64, "seed": 0, "background": "white"})
+    assert main(["synth", str(tmp_path / "x"), "--style", "sketchy"]) == 2
+    assert "unknown synth style 'sketchy'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_synth_command_draws_a_style_domain_the_judge_confirms(tmp_path, capsys):
+    import json
+
+    from data_tools.cli import main
+
+    assert main(["synth", str(tmp_path / "o"), "--split", "outline", "--background", "gradient",
+                 "-n", "30", "--size", "32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metadata.jsonl").read_text().splitlines()]
+    assert all(r["truth"]["style"] == "outline" and r["truth"]["background"] == "gradient" for r in rows)
+    assert all(r["text"].endswith("on a gradient background") for r in rows)
+    capsys.readouterr()
+    assert main(["judge", str(tmp_path / "o"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] > 0.95

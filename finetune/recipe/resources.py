@@ -10,7 +10,7 @@ from .schema import Recipe
 
 
 def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
-    from data_tools.synth import SPLITS, parse_synth_path
+    from data_tools.synth import parse_synth_path
 
     from ..cascade import BUILTIN_NAMES, BUILTIN_PREFIX, Cascade
     from ..evaluate import load_prompt_set
@@ -21,13 +21,9 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
         data_path = phase.data.path
         if data_path.startswith("synth:"):
             try:
-                split, _ = parse_synth_path(data_path)
-            except UserError as exc:  # "<path>: <problem>"
+                parse_synth_path(data_path)  # checks the split, parameters, style and background
+            except UserError as exc:  # "<where>: <problem>"
                 problems.append((("phases", i, "data", "path"), str(exc).split(": ", 1)[-1]))
-                continue
-            if split not in SPLITS:
-                problems.append((("phases", i, "data", "path"),
-                                 f"unknown synth split '{split}' (known: {', '.join(SPLITS)})"))
             continue
         if not Path(data_path).expanduser().is_dir():
             problems.append((("phases", i, "data", "path"),
