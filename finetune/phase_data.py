@@ -46,6 +46,26 @@ class PhaseData:
                    [r for p in parts for r in p.rejected], " + ".join(p.source for p in parts), digest,
                    [w for p in parts for w in p.wheres], cls.concat(held) if held else None)
 
+    def with_replay(self, earlier: list["PhaseData"], fraction: float, seed: int) -> tuple["PhaseData", int]:
+        """This phase's data plus samples of earlier phases' training data, so that about
+        `fraction` of the mixed set (and so of every epoch's batches) is rehearsal. The replayed
+        samples are a seeded draw without repetition (cycling when more are needed than there
+        are), fixed at preparation, so resumed runs see the same mix. Validation stays this
+        phase's own. Returns (mixed data, number of replayed samples)."""
+        pool = PhaseData.concat(earlier)
+        count = round(fraction / (1.0 - fraction) * len(self.captions))
+        if count == 0 or not pool.captions:
+            return self, 0
+        order = torch.randperm(len(pool.captions), generator=torch.Generator().manual_seed(seed))
+        picked = pool.subset(order.repeat(count // len(order) + 1)[:count].tolist())
+        digest = hashlib.sha256(json.dumps([self.fingerprint, pool.fingerprint, fraction, seed]).encode())
+        mixed = PhaseData(self.captions + picked.captions,
+                          {s: torch.cat([p, picked.pixels[s]]) for s, p in self.pixels.items()},
+                          self.rejected, f"{self.source} + replay of {pool.source}",
+                          digest.hexdigest()[:16], self.wheres + picked.wheres, self.validation,
+                          self.warnings, self.stats)
+        return mixed, count
+
     def subset(self, keep: list[int]) -> "PhaseData":
         return PhaseData([self.captions[i] for i in keep], {s: p[keep] for s, p in self.pixels.items()},
                          [], self.source, self.fingerprint, [self.wheres[i] for i in keep])

@@ -98,9 +98,19 @@ class Trainer:
             if long:
                 self.say(f"phase {name}: {len(long)} caption(s) longer than {MAX_LENGTH} tokens are"
                          " truncated (see data_report.json)")
+        raw = dict(self.phase_data)  # replay and distillation draw on each phase's own data
+        for i, phase in enumerate(recipe.phases):
+            if phase.replay is not None:
+                sources = recipe.replay_sources(i)
+                self.phase_data[phase.name], count = raw[phase.name].with_replay(
+                    [raw[name] for name in sources], phase.replay.fraction,
+                    derive_seed(recipe.seed, phase.name, "replay"))
+                report[phase.name]["replay"] = {"phases": sources, "fraction": phase.replay.fraction,
+                                                "samples": count}
+                self.say(f"phase {phase.name}: + {count} replayed samples of {', '.join(sources)}")
         if recipe.distill is not None:  # the student learns on the named phases' data
             self.phase_data[recipe.distill_phase().name] = PhaseData.concat(
-                [self.phase_data[name] for name in recipe.distill.data_phases(recipe.phases)])
+                [raw[name] for name in recipe.distill.data_phases(recipe.phases)])
         if self.main:
             atomic.write_json(self.run / "data_report.json", report)
         self.text_cache = TextEmbeddingCache(self.cache_dir, self.cascade.text_encoder_identity(),

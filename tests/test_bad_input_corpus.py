@@ -71,6 +71,10 @@ CASES = [
     ("distill-too-many-levels", GOOD + "distill: {{steps: 2, student: {{drop_levels: 2}}}}\n", "distill.student.drop_levels"),
     ("distill-nothing-trains", GOOD + "distill: {{steps: 2, weights: {{task: 0, output: 0, feature: 0}}}}\n", "distill.weights"),
     ("distill-channel-scale-zero", GOOD + "distill: {{steps: 2, student: {{channel_scale: 0}}}}\n", "distill.student.channel_scale"),
+    ("replay-in-first-phase", _swap("steps: 2}}", "steps: 2, replay: {{fraction: 0.2}}}}"), "phases.0.replay: the first phase has no earlier phase"),
+    ("replay-of-a-later-phase", GOOD + "  - {{name: domain, data: {{path: {data}}}, steps: 2, replay: {{fraction: 0.2, phases: [domain]}}}}\n",
+     "phases.1.replay.phases.0: 'domain' is not an earlier phase (earlier: general)"),
+    ("replay-everything", GOOD + "  - {{name: domain, data: {{path: {data}}}, steps: 2, replay: {{fraction: 1.0}}}}\n", "phases.1.replay.fraction"),
     ("bad-on-bad-sample", _swap("path: {data}}}", "path: {data}, on_bad_sample: ignore}}"), "phases.0.data.on_bad_sample"),
 ]
 

@@ -325,3 +325,38 @@ def test_gradient_accumulation_matches_the_same_global_batch(recipe_factory, fp3
     # order (~1e-6 after Adam's normalisation); a micro-batch lost or counted twice moves the
     # update by about the learning rate (1e-4)
     assert max((got[k] - fp32_adapter[k]).abs().max().item() for k in got) < 1e-5
+
+
+def test_replay_mixes_earlier_phases_data_into_a_phase(recipe_factory, synth_general, synth_domain, cache_dir):
+    """phases[].replay: about `fraction` of the phase's set is rehearsal of earlier phases'
+    data, drawn once (seeded) at preparation, so the run is reproducible and resumable."""
+    import torch
+
+    from finetune.phase_data import load_phase_data
+    from finetune.recipe.schema import DataSpec
+
+    general = load_phase_data(DataSpec(path=str(synth_general)), [32], cache_dir, "general")
+    domain = load_phase_data(DataSpec(path=str(synth_domain), validation_fraction=0.2), [32], cache_dir, "domain")
+    mixed, count = domain.with_replay([general], 0.25, seed=1)
+    own = len(domain.captions)
+    assert count == round(own / 3) and len(mixed.captions) == own + count
+    assert mixed.captions[:own] == domain.captions and mixed.validation is domain.validation
+    replayed = mixed.wheres[own:]
+    assert set(replayed) <= set(general.wheres) and len(set(replayed)) == count  # no repeats while the pool lasts
+    index = {w: i for i, w in enumerate(general.wheres)}
+    assert torch.equal(mixed.pixels[32][own:], general.pixels[32][[index[w] for w in replayed]])
+    assert domain.with_replay([general], 0.25, seed=1)[0].wheres == mixed.wheres
+    assert domain.with_replay([general], 0.25, seed=2)[0].wheres != mixed.wheres
+    many, count = domain.with_replay([general], 0.9, seed=1)  # more than the pool: cycles
+    assert count > len(general.captions) and set(many.wheres[own:]) == set(general.wheres)
+    assert mixed.fingerprint != domain.fingerprint
+
+    path = recipe_factory(steps=3, general_steps=1)
+    plain = run_recipe(load_recipe(path)).run_dir
+    replay = ["phases.1.replay={fraction: 0.5, phases: [general]}"]
+    run = run_recipe(load_recipe(path, replay + [f"output_dir={plain}-replay"])).run_dir
+    report = json.loads((run / "data_report.json").read_text())["domain"]
+    assert report["replay"] == {"phases": ["general"], "fraction": 0.5, "samples": report["usable"]}
+    assert not _same(_adapter(plain), _adapter(run))
+    again = run_recipe(load_recipe(path, replay + [f"output_dir={plain}-again"])).run_dir
+    assert _same(_adapter(run), _adapter(again))

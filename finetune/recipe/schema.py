@@ -105,6 +105,13 @@ class PhaseLossSpec(Strict):
     vlb_weight: float | None = Field(None, ge=0.0, description="Overrides train.vlb_weight in this phase.")
 
 
+class ReplaySpec(Strict):
+    fraction: float = Field(..., gt=0.0, lt=1.0, description=(
+        "Share of this phase's training samples drawn from earlier phases' data: rehearsal"
+        " that holds on to what those phases taught (against forgetting). Example: 0.25"))
+    phases: list[str] | None = Field(None, description="Earlier phases to replay (default: every earlier phase).")
+
+
 class PhaseSpec(Strict):
     name: str = Field(..., min_length=1, description="general, domain, ... (free, order kept)")
     data: DataSpec
@@ -117,6 +124,8 @@ class PhaseSpec(Strict):
     lora_dropout: float | None = Field(None, ge=0.0, lt=1.0, description=(
         "Overrides lora.dropout in this phase (rank, alpha and targets stay: the phase continues"
         " the previous phase's adapter)."))
+    replay: ReplaySpec | None = Field(None, description=(
+        "Mix earlier phases' data into this phase's: {fraction: 0.25} or {fraction: 0.25, phases: [general]}."))
 
     def steps_for(self, stage: str) -> int:
         return self.steps if isinstance(self.steps, int) else self.steps.get(stage, 0)
@@ -355,11 +364,16 @@ class Recipe(Strict):
             for field in ("steps", "batch_size"):
                 per_stage = getattr(phase, field)
                 if isinstance(per_stage, dict):
-                    if field == "steps" and set(per_stage) != set(stages):
-                        problems.append((("phases", i, field), f"give steps for every stage in cascade.stages ({', '.join(stages)})"))
+                    missing = [s for s in stages if s not in per_stage]
+                    if field == "steps" and missing:
+                        problems.append((("phases", i, field), f"give steps for every stage in cascade.stages (missing {', '.join(missing)})"))
                     for stage in per_stage:
                         if stage not in stages:
                             problems.append((("phases", i, field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+        for i, phase in enumerate(self.phases):
+            if phase.replay is not None:
+                problems += [(("phases", i, "replay") + loc, message)
+                             for loc, message in self._check_replay(i, phase.replay)]
         problems += self._check_distill()
         if self.train.ema.export == "ema" and self.train.ema.decay == 0:
             problems.append((("train", "ema", "export"), "export: ema needs train.ema.decay > 0 (e.g. 0.999)"))
@@ -367,6 +381,22 @@ class Recipe(Strict):
         if sii.noise_aug_min > sii.noise_aug_max:
             problems.append((("train", "stage_II", "noise_aug_min"), "noise_aug_min is above noise_aug_max"))
         return problems
+
+    def replay_sources(self, index: int) -> list[str]:
+        """The earlier phases whose data phase `index` replays."""
+        replay = self.phases[index].replay
+        if replay is None:
+            return []
+        return replay.phases if replay.phases is not None else [p.name for p in self.phases[:index]]
+
+    def _check_replay(self, index: int, replay: ReplaySpec) -> list[tuple[tuple, str]]:
+        earlier = [p.name for p in self.phases[:index]]
+        if not earlier:
+            return [((), "the first phase has no earlier phase to replay; remove replay here")]
+        if replay.phases is not None and not replay.phases:
+            return [(("phases",), "list at least one earlier phase, or leave phases out for all of them")]
+        return [(("phases", j), f"'{name}' is not an earlier phase (earlier: {', '.join(earlier)})")
+                for j, name in enumerate(replay.phases or []) if name not in earlier]
 
     def _check_distill(self) -> list[tuple[tuple, str]]:
         spec, problems = self.distill, []
