@@ -43,27 +43,44 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+NEST = "/"  # joins the keys of nested optimizer state (bitsandbytes packs its state one level down)
+
+
+def _leaves(entries: dict, path: tuple = ()):
+    for key, value in entries.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, path + (str(key),))
+        else:
+            yield path + (str(key),), value
+
+
+def _nest(target: dict, path: list[str], value) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
 def optimizer_to_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state as flat tensors (for safetensors) and JSON scalars, nested
+    dictionaries included (bitsandbytes' 8-bit AdamW keeps its state under one key)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
-        for key, value in entries.items():
+        for path, value in _leaves(entries):
+            name = f"{pid}.{NEST.join(path)}"
             if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{pid}.{key}"] = value
+                scalars[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_tensors(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
+    leaves = [(name[len("optim."):], value) for name, value in tensors.items() if name.startswith("optim.")]
+    for name, value in leaves + list(meta["scalars"].items()):
         pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
+        _nest(state.setdefault(int(pid), {}), key.split(NEST), value)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

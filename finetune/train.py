@@ -555,7 +555,7 @@ def make_optimizer(spec, params, lr: float):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UserError("optim.name: adamw8bit needs bitsandbytes: pip install -e '.[gpu]'") from None
+            raise UserError("optim.name: adamw8bit needs bitsandbytes: pip install -e '.[bitsandbytes]'") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from finetune.cli import main
@@ -360,3 +361,54 @@ def test_replay_mixes_earlier_phases_data_into_a_phase(recipe_factory, synth_gen
     assert not _same(_adapter(plain), _adapter(run))
     again = run_recipe(load_recipe(path, replay + [f"output_dir={plain}-again"])).run_dir
     assert _same(_adapter(run), _adapter(again))
+
+
+def test_adamw8bit_keeps_8_bit_state_checkpoints_it_and_resumes_exactly(recipe_factory):
+    """bitsandbytes' AdamW8bit runs on CPU too (bitsandbytes >= 0.49), so the optimizer switch,
+    its 8-bit state in checkpoints and an exact resume are tested here, not only on GPU."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import rewind_unit
+
+    path = recipe_factory(steps=4, general_steps=1)
+    run = run_recipe(load_recipe(path, ["optim.name=adamw8bit"])).run_dir
+    state = load_file(str(run / "checkpoints" / "domain-stage_I-step_000002" / "state.safetensors"))
+    # bitsandbytes keeps its state under one nested key; every moment reaches the
+    # checkpoint as a tensor (LoRA matrices this small keep 32-bit moments: bitsandbytes
+    # quantises tensors of 4096 elements or more)
+    moments = [k for k in state if k.startswith("optim.") and "__bnb_optimizer_quant_state__/state1" in k]
+    assert len(moments) == len([k for k in _adapter(run)]), sorted(state)[-4:]
+    manifest = (run / "checkpoints" / "domain-stage_I-step_000002" / "manifest.json").read_text()
+    assert "tensor(" not in manifest  # no tensor stringified into the JSON side
+    plain = run_recipe(load_recipe(path, [f"output_dir={run}-fp32"])).run_dir
+    assert not _same(_adapter(run), _adapter(plain))  # the switch changes the optimizer
+    finished = _adapter(run)
+    rewind_unit(run, "domain-stage_I", "domain", "domain-stage_I-step_000004")
+    assert main(["run", str(path), "--set", "optim.name=adamw8bit", "--resume"]) == 0
+    assert _same(finished, _adapter(run))
+
+
+def test_8_bit_optimizer_state_round_trips_through_a_checkpoint():
+    """Large tensors get uint8 moments in bitsandbytes; flattened to safetensors + JSON and
+    back, the optimizer continues exactly as the uninterrupted one."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from finetune.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+
+    def steps(param, optimizer, n):
+        for i in range(n):
+            optimizer.zero_grad()
+            (param.sin() * (i + 1)).sum().backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(64, 128))  # 8192 elements: quantised
+    optimizer = bnb.optim.AdamW8bit([param], lr=1e-2)
+    steps(param, optimizer, 3)
+    tensors, meta = optimizer_to_tensors(optimizer)
+    assert any(v.dtype == torch.uint8 for v in tensors.values())
+    json.dumps(meta)  # the rest is plain JSON
+    copy = torch.nn.Parameter(param.detach().clone())
+    restored = bnb.optim.AdamW8bit([copy], lr=1e-2)
+    optimizer_from_tensors(restored, tensors, json.loads(json.dumps(meta)))
+    steps(param, optimizer, 2)
+    steps(copy, restored, 2)
+    assert torch.equal(param, copy)

@@ -29,8 +29,8 @@ def check_resources(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("phases", i, "data", "path"),
                              f"dataset folder '{data_path}' does not exist"))
     for key, wanted, package, extra in [
-            (("optim", "name"), recipe.optim.name == "adamw8bit", "bitsandbytes", "gpu"),
-            (("train", "attention"), recipe.train.attention == "xformers", "xformers", "gpu"),
+            (("optim", "name"), recipe.optim.name == "adamw8bit", "bitsandbytes", "bitsandbytes"),
+            (("train", "attention"), recipe.train.attention == "xformers", "xformers", "xformers"),
             (("logging", "wandb", "enabled"), recipe.logging.wandb.enabled, "wandb", "wandb"),
             (("logging", "tensorboard"), recipe.logging.tensorboard, "tensorboard", "tensorboard")]:
         if wanted and importlib.util.find_spec(package) is None:

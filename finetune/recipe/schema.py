@@ -69,7 +69,7 @@ class LRSpec(Strict):
 
 class OptimSpec(Strict):
     name: Literal["adamw", "adamw8bit"] = Field("adamw", description=(
-        "adamw8bit keeps optimizer state in 8 bits (bitsandbytes, CUDA): less memory for large LoRA or full training."))
+        "adamw8bit keeps optimizer state in 8 bits (bitsandbytes; CUDA, or CPU from 0.50): less memory for large LoRA or full training."))
     batch_size: int = Field(16, ge=1, description="Global batch per optimizer step, across processes and accumulation.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; lowers memory at equal batch.")
     lr: LRSpec = Field(default_factory=LRSpec)
@@ -172,7 +172,7 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
     attention: Literal["default", "xformers"] = Field("default", description=(
-        "xformers: memory-efficient attention kernels (CUDA, pip install -e '.[gpu]')."))
+        "xformers: memory-efficient attention kernels (CUDA, pip install -e '.[xformers]')."))
     gradient_checkpointing: bool = Field(False, description="True reduces activation memory at about 30% more compute.")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
