@@ -11,7 +11,9 @@ Feature extractors (`eval.feature_extractor`):
   only between variants and runs of this kit, never with published FIDs.
 - a path to Inception weights as torch-fidelity distributes them
   (`pt_inception-2015-12-05-6726825d.pth`): the standard FID/KID network, loaded from that
-  file (needs `pip install torch-fidelity`).
+  file (needs `pip install torch-fidelity` and the torchvision built for your torch:
+  torch-fidelity imports it; on a CPU-only torch that is the CPU torchvision from the
+  PyTorch index, PyPI's CUDA build fails to import there).
 
 The report and eval.json name the extractor next to every FID/KID number.
 """
@@ -26,6 +28,8 @@ from .errors import UserError
 
 OFFLINE = "offline"
 OFFLINE_NAME = "kit-random-conv-v1"
+INCEPTION_NEEDS = ("Inception features need torch-fidelity and a torchvision built for your torch: "
+                   "pip install torch-fidelity (or use feature_extractor: offline)")
 
 
 class RandomConvFeatures(torch.nn.Module):
@@ -60,14 +64,14 @@ def feature_extractor(spec: str):
     if not path.is_file():
         raise UserError(f"eval.feature_extractor: '{spec}' is neither 'offline' nor an Inception "
                         "weights file (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
-    try:
+    try:  # torchmetrics defines the class either way; without torch-fidelity it fails on use
         from torchmetrics.image.fid import NoTrainInceptionV3
+
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                     feature_extractor_weights_path=str(path))
     except ImportError:
-        raise UserError("eval.feature_extractor: Inception features need torch-fidelity: "
-                        "pip install torch-fidelity") from None
-    return (NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                               feature_extractor_weights_path=str(path)),
-            f"inception-v3 ({path.name})")
+        raise UserError(f"eval.feature_extractor: {INCEPTION_NEEDS}") from None
+    return network, f"inception-v3 ({path.name})"
 
 
 def to_uint8(images) -> torch.Tensor:

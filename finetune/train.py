@@ -64,7 +64,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.phase_data: dict[str, PhaseData] = {}
         self.text_cache: TextEmbeddingCache | None = None
-        self.method = make_method(self.recipe)
+        self.method = make_method(self.recipe, self.acc.device.type)
         self.stop: StopRequest | None = None
         self.contrast: ContrastiveTerm | None = None
         self.distiller: Distiller | None = None
@@ -167,7 +167,7 @@ class Trainer:
         method = self.method
         if phase is not None and phase.lora_dropout is not None and method.name == "lora":
             method = make_method(recipe.model_copy(update={"lora": recipe.lora.model_copy(
-                update={"dropout": phase.lora_dropout})}))
+                update={"dropout": phase.lora_dropout})}), self.acc.device.type)
         method.prepare(unet, stage)
         if init_from is not None:
             self.method.load_exported(unet, init_from)
@@ -494,14 +494,16 @@ class Trainer:
             originals = to_model_range(data.pixels[size][:len(prompts)]).to(self.acc.device)
             low = torch.nn.functional.interpolate(originals, size=low_size, mode="bilinear", antialias=True)
             pipe.set_progress_bar_config(disable=True)
-            out = pipe(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
-                       num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
-                       noise_level=sample.noise_level, generator=generators, output_type="pil").images
+            with self.acc.autocast():
+                out = pipe(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                           num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
+                           noise_level=sample.noise_level, generator=generators, output_type="pil").images
         else:
             pipe = IFPipeline(**common)
             pipe.set_progress_bar_config(disable=True)
-            out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=sample.steps,
-                       guidance_scale=sample.guidance_scale, generator=generators, output_type="pil").images
+            with self.acc.autocast():  # a half-precision frozen base samples as it trains
+                out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=sample.steps,
+                           guidance_scale=sample.guidance_scale, generator=generators, output_type="pil").images
         unet.train(was_training)
         save_png(image_grid(out), self.run / "samples" / "progress" / f"{unit}-step_{step:06d}.png")
 

@@ -121,3 +121,54 @@ def test_reference_images_from_a_data_folder(synth_general):
     assert len(refs.pil(32)) == 24 and refs.pil(32)[0].size == (32, 32)
     with pytest.raises(Exception, match="does not exist"):
         References.for_folder(str(synth_general / "nope"), "eval.reference_images.held")
+
+
+def test_inception_weights_file_reaches_torchmetrics_and_names_the_numbers(tmp_path, monkeypatch):
+    """The Inception path up to torchmetrics: the user's file is what NoTrainInceptionV3 loads
+    and the extractor's name in eval.json carries the file name. (The real network needs
+    torch-fidelity and a torchvision built for this torch; PyPI's torchvision is CUDA-built
+    and does not import next to the CPU torch here, so a stand-in network takes its place.)"""
+    import torchmetrics.image.fid as fid
+
+    from finetune.metrics import feature_extractor
+
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"weights")
+    loaded = []
+
+    class StandIn(RandomConvFeatures):
+        def __init__(self, name, features_list, feature_extractor_weights_path):
+            super().__init__()
+            loaded.append((name, features_list, feature_extractor_weights_path))
+
+    monkeypatch.setattr(fid, "NoTrainInceptionV3", StandIn)
+    network, name = feature_extractor(str(weights))
+    assert loaded == [("inception-v3-compat", ["2048"], str(weights))]
+    assert name == "inception-v3 (pt_inception-2015-12-05-6726825d.pth)"
+    real, fake = _split_images("general", 12, 1), _split_images("domain", 12, 2)
+    assert distribution_metrics(real, fake, network, ["fid"])["fid"] > 0
+
+
+def test_inception_without_torch_fidelity_is_a_clear_error(tmp_path, monkeypatch, recipe_factory, capsys):
+    import importlib.util
+
+    import torchmetrics.image.fid as fid
+
+    from finetune.errors import UserError
+    from finetune.metrics import feature_extractor
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+
+    class Missing:  # what torchmetrics' class does when torch-fidelity is absent
+        def __init__(self, *args, **kwargs):
+            raise ModuleNotFoundError("NoTrainInceptionV3 module requires that `Torch-fidelity` is installed")
+
+    monkeypatch.setattr(fid, "NoTrainInceptionV3", Missing)
+    with pytest.raises(UserError, match="eval.feature_extractor: Inception features need torch-fidelity"):
+        feature_extractor(str(weights))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch_fidelity" else real(n, *a))
+    path = recipe_factory(extra=f"eval: {{prompt_sets: {{held: 'synth:domain?n=2'}}, feature_extractor: {weights}}}")
+    assert main(["validate", str(path)]) == 2
+    assert "eval.feature_extractor: Inception features need torch-fidelity" in capsys.readouterr().err

@@ -300,7 +300,8 @@ def fp32_adapter(recipe_factory):
 
 @pytest.mark.parametrize("train,tolerance", [
     (", gradient_checkpointing: true", 1e-6),  # recomputes activations: the same maths
-    (", mixed_precision: bf16", 5e-3),         # autocast: bf16 matmuls, fp32 master weights
+    (", mixed_precision: bf16", 5e-3),         # autocast, bf16 frozen base, fp32 LoRA weights
+    (", mixed_precision: bf16, validate_every: 1, sample_every: 2", 5e-3),  # also evaluates mid-run
 ])
 def test_memory_features_train_the_same_adapter(recipe_factory, fp32_adapter, train, tolerance):
     path = recipe_factory(steps=2, batch=4, train=train)
@@ -412,3 +413,24 @@ def test_8_bit_optimizer_state_round_trips_through_a_checkpoint():
     steps(param, optimizer, 2)
     steps(copy, restored, 2)
     assert torch.equal(param, copy)
+
+
+def test_mixed_precision_on_gpu_stores_the_frozen_base_in_half_and_trains_lora_in_fp32(recipe_factory, tiny_cascade):
+    """The GPU memory saving (checked on the method; the CUDA forward runs in the GPU
+    benchmark). On CPU the base stays fp32: CPU autocast runs layer norms in the weights'
+    dtype, and a bf16 base fails there."""
+    from finetune.cascade import Cascade
+    from finetune.methods import make_method
+
+    recipe = load_recipe(recipe_factory(), ["train.mixed_precision=bf16"]).recipe
+    unet = Cascade.from_spec(str(tiny_cascade)).load_unet("I")
+    method = make_method(recipe, "cuda")
+    method.prepare(unet, "I")
+    trainable = {id(p) for p in method.trainable(unet)}
+    assert trainable and all(p.dtype == torch.float32 for p in method.trainable(unet))
+    frozen = [p for p in unet.parameters() if id(p) not in trainable]
+    assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)
+    for device, settings in (("cpu", recipe), ("cuda", load_recipe(recipe_factory(name="fp32.yaml")).recipe)):
+        unet = Cascade.from_spec(str(tiny_cascade)).load_unet("I")
+        make_method(settings, device).prepare(unet, "I")
+        assert all(p.dtype == torch.float32 for p in unet.parameters()), device

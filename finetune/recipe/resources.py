@@ -89,12 +89,14 @@ def _empty_unet(cascade, stage: str):
 
 
 def _eval_files(spec) -> list[tuple[tuple, str]]:
-    from ..metrics import OFFLINE
+    from ..metrics import INCEPTION_NEEDS, OFFLINE
 
     problems = []
     if spec.feature_extractor != OFFLINE and not Path(spec.feature_extractor).expanduser().is_file():
         problems.append((("eval", "feature_extractor"), f"'{spec.feature_extractor}' is neither offline nor"
                          " an Inception weights file (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)"))
+    elif spec.feature_extractor != OFFLINE and importlib.util.find_spec("torch_fidelity") is None:
+        problems.append((("eval", "feature_extractor"), INCEPTION_NEEDS))
     if spec.clip_model and not (Path(spec.clip_model).expanduser() / "config.json").is_file():
         problems.append((("eval", "clip_model"), f"'{spec.clip_model}' is not a local CLIP folder (no config.json)"))
     for name, folder in spec.reference_images.items():

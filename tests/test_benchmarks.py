@@ -1,0 +1,33 @@
+"""The benchmark scripts run: the GPU one (IF-I-XL-shaped stage I) as a narrow CPU smoke run,
+so it is ready for the day a GPU is lent; its full-size config matches IF-I-XL's 4.3B."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+def test_if_i_xl_config_has_the_published_size():
+    from gpu_if_xl import IF_I_XL_PARAMETERS, count_on_meta, if_i_xl_config
+
+    count = count_on_meta(1.0)
+    assert abs(count - IF_I_XL_PARAMETERS) < 0.01 * IF_I_XL_PARAMETERS, count
+    config = if_i_xl_config()
+    assert config["block_out_channels"] == [704, 1408, 2112, 2816]
+    assert config["cross_attention_dim"] == 2816 and config["encoder_hid_dim"] == 4096
+
+
+def test_gpu_benchmark_smoke_run_on_cpu_prints_throughput_and_flops(tmp_path, capsys):
+    from gpu_if_xl import count_on_meta, main
+
+    out = tmp_path / "result.json"
+    assert main(["--scale", "0.0625", "--batch", "1", "--steps", "1", "--warmup", "1", "--rank", "4",
+                 "--cpu", "--peak-tflops", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["parameters"] > count_on_meta(0.0625)  # the base plus the LoRA weights
+    assert 0 < result["trainable"] < 0.1 * result["parameters"]
+    assert result["images_per_s"] > 0 and result["step_tflop"] > result["model_tflop"] / 3 > 0
+    assert result["mfu"] > 0 and result["peak_gpu_memory_gib"] is None  # no GPU here
+    assert "images_per_s" in capsys.readouterr().out
