@@ -434,3 +434,22 @@ def test_mixed_precision_on_gpu_stores_the_frozen_base_in_half_and_trains_lora_i
         unet = Cascade.from_spec(str(tiny_cascade)).load_unet("I")
         make_method(settings, device).prepare(unet, "I")
         assert all(p.dtype == torch.float32 for p in unet.parameters()), device
+
+
+def test_xformers_switch_reaches_every_trained_unet(recipe_factory, monkeypatch):
+    """xformers is CUDA-only, so the kernels cannot run here: this checks the kit's side, that
+    `train.attention: xformers` passes validation when the package is present and turns the
+    kernels on for each UNet that trains, through diffusers' own switch."""
+    import importlib.util
+
+    from diffusers import UNet2DConditionModel
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: real("json") if name == "xformers" else real(name, *a))
+    switched = []
+    monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
+                        lambda self, *a, **k: switched.append(type(self).__name__))
+    path = recipe_factory(steps=1, stages="[I, II]")
+    assert main(["run", str(path), "--set", "train.attention=xformers", "--set", "eval.prompt_sets={}"]) == 0
+    assert len(switched) == 4  # general and domain phases, stages I and II
