@@ -493,17 +493,15 @@ class Trainer:
             low_size = self.recipe.train.stage_II.low_size or (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs else size // 4)
             originals = to_model_range(data.pixels[size][:len(prompts)]).to(self.acc.device)
             low = torch.nn.functional.interpolate(originals, size=low_size, mode="bilinear", antialias=True)
-            pipe.set_progress_bar_config(disable=True)
-            with self.acc.autocast():
-                out = pipe(image=low, prompt_embeds=embeds, negative_prompt_embeds=negative,
-                           num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
-                           noise_level=sample.noise_level, generator=generators, output_type="pil").images
+            settings = dict(image=low, num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
+                            noise_level=sample.noise_level)
         else:
             pipe = IFPipeline(**common)
-            pipe.set_progress_bar_config(disable=True)
-            with self.acc.autocast():  # a half-precision frozen base samples as it trains
-                out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=sample.steps,
-                           guidance_scale=sample.guidance_scale, generator=generators, output_type="pil").images
+            settings = dict(num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale)
+        pipe.set_progress_bar_config(disable=True)
+        with self.acc.autocast():  # a half-precision frozen base samples as it trains
+            out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators,
+                       output_type="pil", **settings).images
         unet.train(was_training)
         save_png(image_grid(out), self.run / "samples" / "progress" / f"{unit}-step_{step:06d}.png")
 

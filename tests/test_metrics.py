@@ -128,6 +128,8 @@ def test_inception_weights_file_reaches_torchmetrics_and_names_the_numbers(tmp_p
     and the extractor's name in eval.json carries the file name. (The real network needs
     torch-fidelity and a torchvision built for this torch; PyPI's torchvision is CUDA-built
     and does not import next to the CPU torch here, so a stand-in network takes its place.)"""
+    import inspect
+
     import torchmetrics.image.fid as fid
 
     from finetune.metrics import feature_extractor
@@ -135,11 +137,14 @@ def test_inception_weights_file_reaches_torchmetrics_and_names_the_numbers(tmp_p
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     weights.write_bytes(b"weights")
     loaded = []
+    real_signature = inspect.signature(fid.NoTrainInceptionV3)
 
     class StandIn(RandomConvFeatures):
-        def __init__(self, name, features_list, feature_extractor_weights_path):
+        def __init__(self, *args, **kwargs):
             super().__init__()
-            loaded.append((name, features_list, feature_extractor_weights_path))
+            call = real_signature.bind(*args, **kwargs)  # the real class accepts the kit's call
+            loaded.append((call.arguments["name"], call.arguments["features_list"],
+                           call.arguments["feature_extractor_weights_path"]))
 
     monkeypatch.setattr(fid, "NoTrainInceptionV3", StandIn)
     network, name = feature_extractor(str(weights))
