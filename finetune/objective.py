@@ -83,15 +83,20 @@ class StageObjective:
         return loss, metrics
 
 
+def low_resolution(cascade, stage: str, train) -> int:
+    """The size a super-resolution stage's input is degraded to: the recipe's
+    `train.stage_II.low_size`, else stage I's resolution, else a quarter of this stage's."""
+    if train.stage_II.low_size is not None:
+        return train.stage_II.low_size
+    return cascade.resolution("I") if "I" in cascade.stage_dirs else cascade.resolution(stage) // 4
+
+
 def stage_objective(cascade, stage: str, train, vlb_weight: float | None = None) -> StageObjective:
     """The objective of one stage of a cascade under the recipe's `train` settings."""
     vlb_weight = train.vlb_weight if vlb_weight is None else vlb_weight
     scheduler = cascade.load_scheduler(stage)
     if not cascade.is_super_resolution(stage):
         return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
-    low = train.stage_II.low_size
-    if low is None:
-        low = cascade.resolution("I") if "I" in cascade.stage_dirs else cascade.resolution(stage) // 4
-    return StageObjective(scheduler, cascade.load_image_noising_scheduler(stage), low,
+    return StageObjective(scheduler, cascade.load_image_noising_scheduler(stage), low_resolution(cascade, stage, train),
                           train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
                           train.variance, vlb_weight)

@@ -30,7 +30,7 @@ from .faults import crash_point
 from .guards import StopRequest, Stopped, resource_errors, run_lock
 from .loggers import MetricSinks
 from .methods import FullMethod, make_method
-from .objective import StageObjective, stage_objective
+from .objective import StageObjective, low_resolution, stage_objective
 from .phase_data import PhaseData, load_phase_data
 from .rundir import STUDENTS, RunDir
 from .schedule import set_lr, step_decay_lr
@@ -490,7 +490,7 @@ class Trainer:
 
             pipe = IFSuperResolutionPipeline(image_noising_scheduler=self.cascade.load_image_noising_scheduler(stage), **common)
             size = self.cascade.resolution(stage)
-            low_size = self.recipe.train.stage_II.low_size or (self.cascade.resolution("I") if "I" in self.cascade.stage_dirs else size // 4)
+            low_size = low_resolution(self.cascade, stage, self.recipe.train)
             originals = to_model_range(data.pixels[size][:len(prompts)]).to(self.acc.device)
             low = torch.nn.functional.interpolate(originals, size=low_size, mode="bilinear", antialias=True)
             settings = dict(image=low, num_inference_steps=sample.steps_II, guidance_scale=sample.guidance_scale_II,
