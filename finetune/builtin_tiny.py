@@ -1,7 +1,11 @@
 """Ship a pretrained tiny cascade as `builtin:tiny`: fp16 copy, evaluation, model card.
 
     finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining
-    python -m finetune.builtin_tiny export runs/pretrain-tiny [--to finetune/builtin/tiny]
+    finetune run recipes/pretrain-tiny-anneal.yaml          # continued at a lower rate
+    python -m finetune.builtin_tiny export runs/pretrain-tiny-anneal [--to finetune/builtin/tiny]
+
+A run whose `cascade.path` is another finished run's `cascade/` continues that run; the card
+lists the whole chain (each run's time and resolved recipe).
 
 `export` copies the run's `cascade/` (whole IF pipeline folders) with every weight stored in
 fp16 (halves the package; the pipelines load them into fp32 on CPU), then judges the fp16
@@ -36,9 +40,44 @@ def to_fp16(folder: Path) -> None:
         save_file(tensors, str(file), metadata=meta)
 
 
+def run_chain(run: Path) -> list[Path]:
+    """The pretraining runs that led to `run`, first to last: a run whose cascade.path is a
+    finished run's cascade/ folder continued that run."""
+    import yaml
+
+    chain = [run]
+    while len(chain) < 16:
+        recipe = yaml.safe_load((chain[0] / "resolved_recipe.yaml").read_text())
+        source = Path(recipe.get("cascade", {}).get("path") or "")
+        if source.name != "cascade" or not (source.parent / "finished.json").exists():
+            break
+        chain.insert(0, source.parent)
+    return chain
+
+
+def _history(chain: list[Path]) -> tuple[str, str, str]:
+    """(how long, the commands, the resolved recipes) of a chain of pretraining runs."""
+    import yaml
+
+    seconds, commands, recipes, steps = [], [], [], []
+    for run in chain:
+        text = (run / "resolved_recipe.yaml").read_text()
+        recipe = yaml.safe_load(text)
+        seconds.append(json.loads((run / "finished.json").read_text())["seconds"])
+        commands.append(f"finetune run recipes/{recipe['name']}.yaml")
+        recipes.append(f"```yaml\n{text.rstrip()}\n```")
+        lr = recipe["optim"]["lr"]
+        per_phase = "; ".join(f"{', '.join(f'stage {k} {v}' for k, v in p['steps'].items())} steps"
+                              for p in recipe["phases"])
+        steps.append(f"`{recipe['name']}` ({seconds[-1]:.0f} s: {per_phase}, lr {lr['start']:g}"
+                     f" decaying to {lr['end']:g} every {lr['decay_every']} steps)")
+    commands.append(f"python -m finetune.builtin_tiny export {chain[-1]}")
+    how = f"{sum(seconds):.0f} s in total, in {len(chain)} run(s): " + ", then ".join(steps)
+    return how, "\n".join(commands), "\n\n".join(recipes)
+
+
 def card(run: Path, target: Path, scores: dict, settings: dict) -> str:
-    finished = json.loads((run / "finished.json").read_text())
-    recipe = (run / "resolved_recipe.yaml").read_text()
+    how_long, commands, recipes = _history(run_chain(run))
     rows = []
     for label, by_set in scores.items():
         for name, spec in EVAL_SETS.items():
@@ -67,12 +106,11 @@ so the kit's quickstart adapts a *real pretrained* model with no downloads.
 
 Full-parameter training of both UNets on the synthetic world's **general** split (shapes
 circle/square/triangle; colours red/green/blue/yellow; 1-3 objects; nine positions), from
-random weights, on this kit's own trainer, on a 2-core CPU: {finished['seconds']:.0f} s in total.
+random weights, on this kit's own trainer, on a 2-core CPU: {how_long}.
 Weights are the EMA of training (decay in the recipe), stored in fp16 ({size / 1e6:.1f} MB).
 
 ```bash
-finetune run recipes/pretrain-tiny.yaml
-python -m finetune.builtin_tiny export runs/pretrain-tiny
+{commands}
 ```
 
 ## How good it is
@@ -94,11 +132,9 @@ pretraining (the recipe's step counts) is the lever; this is what fit in one CPU
 
 Chance: colour 1/6, shape 1/5, position 1/9.
 
-## Recipe
+## Recipes
 
-```yaml
-{recipe.rstrip()}
-```
+{recipes}
 """
 
 

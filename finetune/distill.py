@@ -15,9 +15,24 @@ Name mapping used to initialise the student from the teacher (`teacher_key`):
     mid_block.…, conv_in, time/text embeddings, conv_out  <- the same name
 
 where `drop` is `drop_levels` (the lowest-resolution levels are removed, so the student's up
-block i is the teacher's up block i + drop). A tensor is copied only when its shape matches;
-everything else keeps diffusers' random initialisation. `build_student` reports how many
-tensors were copied.
+block i is the teacher's up block i + drop). A tensor whose shape matches is copied.
+
+A narrower student (channel_scale < 1) keeps the teacher's *leading* channels of every
+layer (`init: teacher`), as in width pruning: channel c of the student is channel c of the
+teacher everywhere, so consecutive layers stay consistent. Three layouts are not one run of
+channels and are narrowed part by part (`_parts`):
+
+    up_blocks.i.resnets.j.{conv1, conv_shortcut}  input = cat(hidden, skip): the leading
+      and norm1                                   channels of each part
+    *.time_emb_proj (scale_shift), ff.net.0.proj  output = (scale, shift) or GEGLU's
+                                                  (value, gate) halves: each half's leading
+    time_embedding.linear_1, class_embedding      input = [cos | sin] of a sinusoidal
+      .linear_1 (timestep)                        embedding whose width sets its frequency
+                                                  grid: the teacher column of the nearest
+                                                  frequency, in each half
+
+`init: teacher_exact` copies matching shapes only (the rest random); `init: random` nothing.
+`build_student` reports how many tensors were copied, narrowed and left random.
 
 The loss for one batch (weights from `distill.weights`, defaults 1, 1, 1):
 
@@ -110,26 +125,102 @@ def teacher_key(key: str, teacher_cfg: dict, student_cfg: dict) -> str:
     return key
 
 
+_UP_INPUT = re.compile(r"^up_blocks\.(\d+)\.resnets\.(\d+)\.(conv1\.weight|conv_shortcut\.weight"
+                       r"|norm1\.weight|norm1\.bias)$")
+_HALVES = ("time_emb_proj.weight", "time_emb_proj.bias", "ff.net.0.proj.weight", "ff.net.0.proj.bias")
+_SINUSOID_INPUT = ("time_embedding.linear_1.weight", "class_embedding.linear_1.weight")
+
+
+def _up_resnet_inputs(cfg: dict, block: int, layer: int) -> list[int]:
+    """[hidden, skip] channels concatenated at the input of an up resnet (diffusers'
+    UNet2DConditionModel and its up blocks: the hidden state first, then the down path's skip)."""
+    out = list(reversed(cfg["block_out_channels"]))
+    levels = len(out)
+    hidden = out[max(block - 1, 0)] if layer == 0 else out[block]
+    last = _layers(cfg, levels - 1 - block)  # the block has last + 1 layers
+    skip = out[min(block + 1, levels - 1)] if layer == last else out[block]
+    return [hidden, skip]
+
+
+def _parts(key: str, axis: int, size: int, cfg: dict) -> list[int]:
+    """The sizes of the parts an axis concatenates (see the module docstring); [size] for one
+    run of channels."""
+    match = _UP_INPUT.match(key)
+    if match and axis == (0 if "norm1" in key else 1):
+        return _up_resnet_inputs(cfg, int(match.group(1)), int(match.group(2)))
+    if axis == 0 and key.endswith(_HALVES) and size % 2 == 0 and (
+            "ff.net" in key or cfg.get("resnet_time_scale_shift") == "scale_shift"):
+        return [size // 2, size // 2]
+    return [size]
+
+
+def _sinusoid_columns(student: int, teacher: int, shift: float) -> torch.Tensor:
+    """For each column of a `student`-wide sinusoidal timestep embedding, the column of the
+    `teacher`-wide one with the nearest frequency. diffusers' get_timestep_embedding: half =
+    width // 2 frequencies exp(-ln(10000) k / (half - shift)), k < half, once as cos, once as
+    sin; equal frequencies at k_t = k_s (half_t - shift) / (half_s - shift)."""
+    half_s, half_t = student // 2, teacher // 2
+    k = torch.arange(half_s, dtype=torch.float64)
+    nearest = (k * (half_t - shift) / (half_s - shift)).round().long().clamp(max=half_t - 1)
+    return torch.cat([nearest, nearest + half_t])
+
+
+def _axis_index(s_key: str, t_key: str, axis: int, size_s: int, size_t: int,
+                s_cfg: dict, t_cfg: dict) -> torch.Tensor | None:
+    """Which teacher entries along `axis` initialise the student's (None: no sound choice)."""
+    sinusoid = (axis == 1 and size_s % 2 == 0 and size_t % 2 == 0 and s_key.endswith(_SINUSOID_INPUT)
+                and (s_key.startswith("time_") or s_cfg.get("class_embed_type") == "timestep"))
+    if sinusoid:
+        return _sinusoid_columns(size_s, size_t, float(s_cfg.get("freq_shift") or 0))
+    parts_s, parts_t = _parts(s_key, axis, size_s, s_cfg), _parts(t_key, axis, size_t, t_cfg)
+    if (len(parts_s) != len(parts_t) or sum(parts_s) != size_s or sum(parts_t) != size_t
+            or any(a > b for a, b in zip(parts_s, parts_t))):
+        return None
+    starts = [sum(parts_t[:i]) for i in range(len(parts_t))]
+    return torch.cat([torch.arange(start, start + n) for start, n in zip(starts, parts_s)])
+
+
+def narrow(s_key: str, t_key: str, origin: torch.Tensor, shape, s_cfg: dict, t_cfg: dict):
+    """The teacher tensor `origin` cut to the student's `shape` (None when it cannot be)."""
+    if origin.dim() != len(shape) or any(s > t for s, t in zip(shape, origin.shape)):
+        return None
+    out = origin
+    for axis, (size_s, size_t) in enumerate(zip(shape, origin.shape)):
+        if size_s != size_t:
+            index = _axis_index(s_key, t_key, axis, size_s, size_t, s_cfg, t_cfg)
+            if index is None:
+                return None
+            out = out.index_select(axis, index)
+    return out.contiguous()
+
+
 def build_student(teacher, spec, generator_seed: int = 0):
     """A student UNet for `teacher` (a UNet2DConditionModel) and a report of its start:
-    {"copied": n, "random": m, "total": n + m} tensors."""
+    {"copied": c, "narrowed": n, "random": r, "total": c + n + r} tensors."""
     from diffusers import UNet2DConditionModel
 
     cfg = student_config(teacher.config, spec)
     torch.manual_seed(generator_seed)
     student = UNet2DConditionModel.from_config(cfg)
-    copied = 0
     state = student.state_dict()
-    if spec.init == "teacher":
+    copied, narrowed = {}, {}
+    if spec.init != "random":
         source = teacher.state_dict()
-        update = {}
         for key, value in state.items():
-            origin = source.get(teacher_key(key, teacher.config, cfg))
-            if origin is not None and origin.shape == value.shape:
-                update[key] = origin.detach().to(value.dtype)
-        student.load_state_dict(update, strict=False)
-        copied = len(update)
-    return student, {"copied": copied, "random": len(state) - copied, "total": len(state)}
+            t_key = teacher_key(key, teacher.config, cfg)
+            origin = source.get(t_key)
+            if origin is None:
+                continue
+            if origin.shape == value.shape:
+                copied[key] = origin.detach().to(value.dtype)
+            elif spec.init == "teacher":
+                cut = narrow(key, t_key, origin.detach(), value.shape, cfg, teacher.config)
+                if cut is not None:
+                    narrowed[key] = cut.to(value.dtype)
+        student.load_state_dict({**copied, **narrowed}, strict=False)
+    done = len(copied) + len(narrowed)
+    return student, {"copied": len(copied), "narrowed": len(narrowed),
+                     "random": len(state) - done, "total": len(state)}
 
 
 def feature_pairs(teacher, student) -> list[tuple[str, str]]:

@@ -197,7 +197,8 @@ class Trainer:
                                        derive_seed(recipe.seed, "student-init", stage))
         self.say(f"distill stage {stage}: student {sum(p.numel() for p in student.parameters()):,} "
                  f"parameters (teacher {sum(p.numel() for p in teacher.parameters()):,}); "
-                 f"{start['copied']} of {start['total']} tensors copied from the teacher")
+                 f"of {start['total']} tensors, {start['copied']} copied from the teacher, "
+                 f"{start['narrowed']} narrowed from it, {start['random']} random")
         torch.manual_seed(derive_seed(recipe.seed, "student-projections", stage))
         probe = probe_inputs(student, objective, self.cascade.text_dim(), MAX_LENGTH, "cpu")
         distiller = Distiller(teacher, student, spec.weights, probe).to(self.acc.device)

@@ -35,3 +35,28 @@ def test_builtin_tiny_samples_recognisable_images():
     full = CascadeSampler(cascade, CascadeVariant()).generate([p.text for p in prompts[:2]], settings)
     assert full[0].size == (64, 64)
     assert all(np.asarray(img, dtype=np.float32).std() > 5 for img in full)  # not blank
+
+
+def test_the_card_follows_a_chain_of_pretraining_runs(tmp_path):
+    from finetune.builtin_tiny import _history, run_chain
+
+    def fake_run(name, cascade_path, seconds):
+        run = tmp_path / name
+        (run / "cascade").mkdir(parents=True)
+        (run / "finished.json").write_text(f'{{"seconds": {seconds}}}')
+        (run / "resolved_recipe.yaml").write_text(
+            f"name: {name}\ncascade: {{path: '{cascade_path}'}}\n"
+            "optim: {lr: {start: 0.0005, end: 5.0e-05, decay_every: 2500}}\n"
+            "phases: [{name: p, steps: {I: 10, II: 5}}]\n")
+        return run
+
+    first = fake_run("pretrain-tiny", "builtin:tiny-init", 100)
+    second = fake_run("pretrain-tiny-anneal", str(first / "cascade"), 50)
+    assert run_chain(second) == [first, second]
+    assert run_chain(first) == [first]
+    how, commands, recipes = _history(run_chain(second))
+    assert how.startswith("150 s in total, in 2 run(s): `pretrain-tiny` (100 s: stage I 10, stage II 5 steps")
+    assert commands.splitlines() == ["finetune run recipes/pretrain-tiny.yaml",
+                                     "finetune run recipes/pretrain-tiny-anneal.yaml",
+                                     f"python -m finetune.builtin_tiny export {second}"]
+    assert recipes.count("```yaml") == 2 and "name: pretrain-tiny-anneal" in recipes

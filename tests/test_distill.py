@@ -83,6 +83,62 @@ def test_weights_are_copied_by_the_documented_name_mapping():
     assert not torch.equal(fresh.state_dict()["conv_in.weight"], t["conv_in.weight"])
 
 
+def test_a_narrower_student_keeps_the_teachers_leading_channels_part_by_part():
+    teacher = _teacher(layers_per_block=2)  # channels 16, 32, 64, 96
+    student, start = build_student(teacher, StudentSpec(channel_scale=0.5))  # 8, 16, 32, 48
+    assert start["random"] == 0 and start["narrowed"] > 0
+    t, s = teacher.state_dict(), student.state_dict()
+    # one run of channels: the leading ones, on every axis
+    assert torch.equal(s["conv_in.weight"], t["conv_in.weight"][:8])
+    assert torch.equal(s["down_blocks.1.resnets.0.conv1.weight"],
+                       t["down_blocks.1.resnets.0.conv1.weight"][:16, :8])
+    # an up resnet reads cat(hidden, skip): teacher 96 + 64 channels, student 48 + 32
+    key = "up_blocks.1.resnets.0.conv1.weight"
+    assert t[key].shape[1] == 160 and s[key].shape[1] == 80
+    assert torch.equal(s[key], torch.cat([t[key][:32, :48], t[key][:32, 96:128]], dim=1))
+    key = "up_blocks.1.resnets.2.norm1.weight"  # last layer: hidden 64 + skip 32 -> 32 + 16
+    assert torch.equal(s[key], torch.cat([t[key][:32], t[key][64:80]]))
+    # time_emb_proj's output is (scale, shift): each half's leading channels
+    key = "down_blocks.0.resnets.0.time_emb_proj.weight"
+    assert torch.equal(s[key], torch.cat([t[key][:8, :32], t[key][16:24, :32]]))
+    # the timestep embedding is 8 sinusoids wide instead of 16: its first layer reads the
+    # teacher's columns of the same frequencies (here exactly every other one)
+    w_s, w_t = s["time_embedding.linear_1.weight"], t["time_embedding.linear_1.weight"][:32]
+    columns = [next(j for j in range(w_t.shape[1]) if torch.equal(w_s[:, c], w_t[:, j]))
+               for c in range(w_s.shape[1])]
+    steps = torch.tensor([1.0, 250.0, 999.0])
+    assert torch.allclose(student.time_proj(steps), teacher.time_proj(steps)[:, columns], atol=1e-6)
+
+    # (another seed than the teacher's: with the same one, diffusers' random start of conv_in
+    # is the teacher's own first channels)
+    exact, start = build_student(teacher, StudentSpec(channel_scale=0.5, init="teacher_exact"),
+                                 generator_seed=5)
+    assert start["narrowed"] == 0 and start["random"] > 0
+    assert not torch.equal(exact.state_dict()["conv_in.weight"], s["conv_in.weight"])
+
+
+def test_a_narrowed_student_starts_close_to_the_shipped_pretrained_teacher():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from finetune.cascade import resolve_location
+
+    folder = resolve_location("builtin:tiny", "cascade.path", None, None) / "stage_I" / "unet"
+    teacher = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(8, 3, 32, 32, generator=gen) * 2 - 1
+    noise, steps = torch.randn(clean.shape, generator=gen), torch.randint(0, 1000, (8,), generator=gen)
+    noisy = DDPMScheduler(num_train_timesteps=1000).add_noise(clean, noise, steps)
+    text = torch.randn(8, 8, 32, generator=gen)
+    spec = dict(mid_block=False, drop_levels=1, channel_scale=0.75)  # recipes/distill-tiny.yaml
+    with torch.no_grad():
+        target = teacher(noisy, steps, text).sample[:, :3]
+        error = {init: (build_student(teacher, StudentSpec(init=init, **spec))[0](noisy, steps, text)
+                        .sample[:, :3] - target).pow(2).mean().item()
+                 for init in ("teacher", "teacher_exact", "random")}
+    # measured: 0.25, 0.97 and 2.1 on 16 such inputs
+    assert error["teacher"] < 0.5 * error["teacher_exact"] < 0.5 * error["random"]
+
+
 def test_feature_pairs_keep_matching_sizes_and_project_narrower_students():
     teacher = _teacher()
     student, _ = build_student(teacher, StudentSpec(drop_levels=1, mid_block=False, channel_scale=0.5))
