@@ -4,6 +4,8 @@ then sampling latency of the cascade, teacher against a distilled student.
 
     python benchmarks/run_benchmark.py                 # prints the tables (about 6 minutes here)
     python benchmarks/run_benchmark.py --reps 5 --markdown docs/performance-latest.md
+    python benchmarks/run_benchmark.py --compile       # also the kit with train.compile: true
+                                                       # (adds minutes of compilation per run)
 
 Every training measurement is a fresh process (peak RSS is the process's VmHWM, or
 torch.cuda.max_memory_allocated on a GPU), the configurations are interleaved in a rotating
@@ -137,6 +139,8 @@ def run_child(kind: str, args, **extra) -> dict:
     for key in ("stage", "contrastive"):
         if key in extra:
             cmd += [f"--{key}", extra[key]]
+    if "train" in extra:
+        cmd += ["--kit-train", f", {extra['train']}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -156,6 +160,8 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--sample-steps-II", type=int, default=10)
     parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure the kit with train.compile: true (torch.compile)")
     parser.add_argument("--child", choices=["kit", "reference", "sampling"], help=argparse.SUPPRESS)
     parser.add_argument("--stage", default="I", help=argparse.SUPPRESS)
     parser.add_argument("--contrastive", default="off", help=argparse.SUPPRESS)
@@ -172,10 +178,15 @@ def main() -> int:
 
         args.data = write_split(Path(tempfile.mkdtemp(prefix="bench-data-")) / "domain", "domain",
                                 n=256, size=64, seed=2)
+    # stage II's kit also fits IF's learned variance (the reference fits epsilon only): the
+    # "variance: ignore" row is the like-for-like loss
     configs = [("kit", dict(stage="I")), ("reference", dict(stage="I")),
                ("kit", dict(stage="I", contrastive="feature_infonce")),
                ("kit", dict(stage="II")), ("reference", dict(stage="II")),
-               ("kit", dict(stage="II", contrastive="feature_infonce"))]
+               ("kit", dict(stage="II", contrastive="feature_infonce")),
+               ("kit", dict(stage="II", train="variance: ignore"))]
+    if args.compile:
+        configs += [("kit", dict(stage=stage, train="compile: true")) for stage in ("I", "II")]
     results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     started = time.time()
     for rep in range(args.reps):
@@ -199,7 +210,8 @@ def main() -> int:
         for i, (kind, extra) in enumerate(configs):
             if extra["stage"] != stage:
                 continue
-            name = kind + (f" + {extra['contrastive']}" if "contrastive" in extra else "")
+            name = kind + (f" + {extra['contrastive']}" if "contrastive" in extra else "") + (
+                f" ({extra['train']})" if "train" in extra else "")
             lines.append(f"| {stage} | {name} | {med(i, 'images_per_s'):.1f} | {med(i, 'peak_mb'):.0f} | "
                          f"{med(i, 'first_step_s'):.1f} | {med(i, 'images_per_s') / med(ref, 'images_per_s'):.2f}x |")
         kit = next(i for i, (k, e) in enumerate(configs) if k == "kit" and e == {"stage": stage})

@@ -86,6 +86,20 @@ def test_training_with_each_kind_resumes_exactly_and_keeps_heads_out_of_the_adap
     assert all(torch.equal(adapter[k], again[k]) for k in adapter)  # train.deterministic: bit-exact
 
 
+@pytest.mark.parametrize("kind", ["feature_infonce", "denoising"])
+def test_each_kind_trains_stage_II_on_its_noise_augmented_conditioning(recipe_factory, kind):
+    # stage II's UNet takes the low-resolution image as 3 more input channels and the noise
+    # level as class labels: both terms must use the stage's own inputs, not stage I's
+    extra = ", samples: 2, negatives: 1" if kind == "denoising" else ""
+    path = recipe_factory(stages="[II]", steps=2, general_steps=1, out=kind, checkpoint_every=100,
+                          extra=f"losses: {{contrastive: {{kind: {kind}, weight: 0.5{extra}}}}}")
+    run = run_recipe(load_recipe(path)).run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    contrast = [r["loss_contrastive"] for r in rows if r["stage"] == "II" and r["phase"] == "domain"]
+    assert contrast and all(math.isfinite(v) and v > 0 for v in contrast)
+    assert (run / "adapters/stage_II/pytorch_lora_weights.safetensors").exists()
+
+
 def test_a_bare_off_in_yaml_means_off(recipe_factory):
     path = recipe_factory(extra="losses: {contrastive: {kind: off}}")
     assert load_recipe(path).recipe.losses.contrastive.kind == "off"
