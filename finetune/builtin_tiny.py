@@ -1,7 +1,7 @@
 """Ship a pretrained tiny cascade as `builtin:tiny`: fp16 copy, evaluation, model card.
 
     finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining
-    finetune run recipes/pretrain-tiny-anneal.yaml          # continued at a lower rate
+    finetune run recipes/pretrain-tiny-anneal.yaml          # optional: continued at a lower rate
     python -m finetune.builtin_tiny export runs/pretrain-tiny-anneal [--to finetune/builtin/tiny]
 
 A run whose `cascade.path` is another finished run's `cascade/` continues that run; the card
