@@ -44,7 +44,9 @@ with the teacher frozen (adapter fused), the same noisy input and conditioning f
 P the block pairs (student block, teacher block) of the name mapping whose outputs have the
 same spatial size. When a pair's channel counts differ (channel_scale < 1), a 1x1 convolution
 (proj_a, training-only, saved in checkpoints, not in the student) maps the student's features
-to the teacher's width, as in FitNets.
+to the teacher's width, as in FitNets. For a student narrowed from the teacher (`init:
+teacher`) it starts as the channel correspondence (student channel c -> teacher channel c,
+the others 0) instead of at random.
 """
 from __future__ import annotations
 
@@ -247,18 +249,21 @@ class Distiller:
 
     PREFIX = "distill_projection."
 
-    def __init__(self, teacher, student, weights, probe: dict):
+    def __init__(self, teacher, student, weights, probe: dict, aligned: bool = False):
+        """`aligned`: the student's channel c is the teacher's channel c (init: teacher), so
+        each projection starts as that correspondence, not at random: a random one would
+        pull the narrowed student's features away from the teacher's at the first steps."""
         self.teacher = teacher.requires_grad_(False).eval()
         self.weights = weights
         self.pairs: list[tuple[str, str]] = []
         self.projections = torch.nn.ModuleDict()
         if weights.feature > 0:
-            self._match(student, probe)
+            self._match(student, probe, aligned)
         self.student_taps = FeatureCapture(student, [a for a, _ in self.pairs], "distill")
         self.teacher_taps = FeatureCapture(teacher, [b for _, b in self.pairs], "distill")
 
     @torch.no_grad()
-    def _match(self, student, probe: dict) -> None:
+    def _match(self, student, probe: dict, aligned: bool) -> None:
         """Keep the pairs whose outputs have the same spatial size (probed with one forward
         pass of each UNet); add a 1x1 projection where their widths differ."""
         candidates = feature_pairs(self.teacher, student)
@@ -276,7 +281,12 @@ class Distiller:
                 continue
             self.pairs.append((a, b))
             if hs.shape[1] != ht.shape[1]:
-                self.projections[a.replace(".", "_")] = torch.nn.Conv2d(hs.shape[1], ht.shape[1], 1)
+                projection = torch.nn.Conv2d(hs.shape[1], ht.shape[1], 1)
+                if aligned and hs.shape[1] < ht.shape[1]:
+                    projection.weight.zero_()
+                    projection.bias.zero_()
+                    projection.weight[:, :, 0, 0].fill_diagonal_(1.0)
+                self.projections[a.replace(".", "_")] = projection
 
     def to(self, device):
         self.teacher.to(device)

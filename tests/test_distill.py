@@ -155,6 +155,14 @@ def test_feature_pairs_keep_matching_sizes_and_project_narrower_students():
     assert state and all(k.startswith(Distiller.PREFIX) for k in state)
     distiller.close()
 
+    # a student narrowed from the teacher: each projection starts as the channel correspondence
+    aligned = Distiller(teacher, student, DistillWeights(), probe_inputs(student, objective, 32, 5, "cpu"),
+                        aligned=True)
+    weight = aligned.projections["down_0"].weight[:, :, 0, 0]
+    assert torch.equal(weight, torch.eye(16, 8)) and not aligned.projections["down_0"].bias.any()
+    assert not torch.equal(distiller.projections["down_0"].weight[:, :, 0, 0], weight)
+    aligned.close()
+
 
 @pytest.mark.parametrize("stage", ["I", "II"])
 def test_each_loss_term_is_zero_for_an_identical_student_and_counted_by_its_weight(stage):
