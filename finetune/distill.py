@@ -17,8 +17,8 @@ Name mapping used to initialise the student from the teacher (`teacher_key`):
 where `drop` is `drop_levels` (the lowest-resolution levels are removed, so the student's up
 block i is the teacher's up block i + drop). A tensor whose shape matches is copied.
 
-A narrower student (channel_scale < 1) keeps the teacher's *leading* channels of every
-layer (`init: teacher`), as in width pruning: channel c of the student is channel c of the
+With `init: teacher_narrowed`, a narrower student (channel_scale < 1) also keeps the teacher's
+*leading* channels of every layer where shapes differ, as in width pruning: channel c of the student is channel c of the
 teacher everywhere, so consecutive layers stay consistent. Three layouts are not one run of
 channels and are narrowed part by part (`_parts`):
 
@@ -31,8 +31,10 @@ channels and are narrowed part by part (`_parts`):
                                                   grid: the teacher column of the nearest
                                                   frequency, in each half
 
-`init: teacher_exact` copies matching shapes only (the rest random); `init: random` nothing.
-`build_student` reports how many tensors were copied, narrowed and left random.
+It starts much closer to the teacher, yet ended further from it after distillation on the
+tiny cascade (docs/distillation.md), so the default `init: teacher` copies matching shapes
+only and leaves the rest random; `init: random` copies nothing. `build_student` reports how
+many tensors were copied, narrowed and left random.
 
 The loss for one batch (weights from `distill.weights`, defaults 1, 1, 1):
 
@@ -45,7 +47,7 @@ P the block pairs (student block, teacher block) of the name mapping whose outpu
 same spatial size. When a pair's channel counts differ (channel_scale < 1), a 1x1 convolution
 (proj_a, training-only, saved in checkpoints, not in the student) maps the student's features
 to the teacher's width, as in FitNets. For a student narrowed from the teacher (`init:
-teacher`) it starts as the channel correspondence (student channel c -> teacher channel c,
+teacher_narrowed`) it starts as the channel correspondence (student channel c -> teacher channel c,
 the others 0) instead of at random.
 """
 from __future__ import annotations
@@ -215,7 +217,7 @@ def build_student(teacher, spec, generator_seed: int = 0):
                 continue
             if origin.shape == value.shape:
                 copied[key] = origin.detach().to(value.dtype)
-            elif spec.init == "teacher":
+            elif spec.init == "teacher_narrowed":
                 cut = narrow(key, t_key, origin.detach(), value.shape, cfg, teacher.config)
                 if cut is not None:
                     narrowed[key] = cut.to(value.dtype)
@@ -250,7 +252,7 @@ class Distiller:
     PREFIX = "distill_projection."
 
     def __init__(self, teacher, student, weights, probe: dict, aligned: bool = False):
-        """`aligned`: the student's channel c is the teacher's channel c (init: teacher), so
+        """`aligned`: the student's channel c is the teacher's channel c (teacher_narrowed), so
         each projection starts as that correspondence, not at random: a random one would
         pull the narrowed student's features away from the teacher's at the first steps."""
         self.teacher = teacher.requires_grad_(False).eval()

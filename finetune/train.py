@@ -202,7 +202,7 @@ class Trainer:
         torch.manual_seed(derive_seed(recipe.seed, "student-projections", stage))
         probe = probe_inputs(student, objective, self.cascade.text_dim(), MAX_LENGTH, "cpu")
         distiller = Distiller(teacher, student, spec.weights, probe,
-                              aligned=spec.student.init == "teacher").to(self.acc.device)
+                              aligned=spec.student.init == "teacher_narrowed").to(self.acc.device)
         self.apply_memory_settings(student)
         self.apply_memory_settings(teacher, trains=False)
         return student, distiller

@@ -83,9 +83,9 @@ def test_weights_are_copied_by_the_documented_name_mapping():
     assert not torch.equal(fresh.state_dict()["conv_in.weight"], t["conv_in.weight"])
 
 
-def test_a_narrower_student_keeps_the_teachers_leading_channels_part_by_part():
-    teacher = _teacher(layers_per_block=2)  # channels 16, 32, 64, 96
-    student, start = build_student(teacher, StudentSpec(channel_scale=0.5))  # 8, 16, 32, 48
+def test_a_narrowed_student_keeps_the_teachers_leading_channels_part_by_part():
+    teacher = _teacher(layers_per_block=2)  # channels 16, 32, 64, 96; the student 8, 16, 32, 48
+    student, start = build_student(teacher, StudentSpec(channel_scale=0.5, init="teacher_narrowed"))
     assert start["random"] == 0 and start["narrowed"] > 0
     t, s = teacher.state_dict(), student.state_dict()
     # one run of channels: the leading ones, on every axis
@@ -111,8 +111,7 @@ def test_a_narrower_student_keeps_the_teachers_leading_channels_part_by_part():
 
     # (another seed than the teacher's: with the same one, diffusers' random start of conv_in
     # is the teacher's own first channels)
-    exact, start = build_student(teacher, StudentSpec(channel_scale=0.5, init="teacher_exact"),
-                                 generator_seed=5)
+    exact, start = build_student(teacher, StudentSpec(channel_scale=0.5), generator_seed=5)  # default
     assert start["narrowed"] == 0 and start["random"] > 0
     assert not torch.equal(exact.state_dict()["conv_in.weight"], s["conv_in.weight"])
 
@@ -134,9 +133,10 @@ def test_a_narrowed_student_starts_close_to_the_shipped_pretrained_teacher():
         target = teacher(noisy, steps, text).sample[:, :3]
         error = {init: (build_student(teacher, StudentSpec(init=init, **spec))[0](noisy, steps, text)
                         .sample[:, :3] - target).pow(2).mean().item()
-                 for init in ("teacher", "teacher_exact", "random")}
-    # measured: 0.25, 0.97 and 2.1 on 16 such inputs
-    assert error["teacher"] < 0.5 * error["teacher_exact"] < 0.5 * error["random"]
+                 for init in ("teacher_narrowed", "teacher", "random")}
+    # measured: 0.25, 0.97 and 2.1 on 16 such inputs (yet after distillation the default,
+    # copy-only start ended closer to the teacher: docs/distillation.md)
+    assert error["teacher_narrowed"] < 0.5 * error["teacher"] < 0.5 * error["random"]
 
 
 def test_feature_pairs_keep_matching_sizes_and_project_narrower_students():

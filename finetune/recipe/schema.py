@@ -270,10 +270,11 @@ class StudentSpec(Strict):
         "Remove this many of the lowest-resolution levels (down block, matching up block)."))
     channel_scale: float = Field(1.0, gt=0.0, le=1.0, description=(
         "Scale every level's channels (rounded to what group norm and attention heads allow)."))
-    init: Literal["teacher", "teacher_exact", "random"] = Field("teacher", description=(
-        "teacher: copy every weight whose name maps, keeping the teacher's leading channels"
-        " where the student is narrower (finetune/distill.py); teacher_exact: copy only"
-        " weights whose shapes match, the rest random; random: the student starts from scratch."))
+    init: Literal["teacher", "teacher_narrowed", "random"] = Field("teacher", description=(
+        "teacher: copy every weight whose name maps and shape matches, the rest random;"
+        " teacher_narrowed: also keep the teacher's leading channels where the student is"
+        " narrower (measured worse on the tiny cascade: docs/distillation.md);"
+        " random: the student starts from scratch."))
 
 
 class DistillWeights(Strict):
