@@ -67,8 +67,9 @@ def _history(chain: list[Path]) -> tuple[str, str, str]:
         commands.append(f"finetune run recipes/{recipe['name']}.yaml")
         recipes.append(f"```yaml\n{text.rstrip()}\n```")
         lr = recipe["optim"]["lr"]
-        per_phase = "; ".join(f"{', '.join(f'stage {k} {v}' for k, v in p['steps'].items())} steps"
-                              for p in recipe["phases"])
+        per_phase = "; ".join(
+            (", ".join(f"stage {k} {v}" for k, v in p["steps"].items()) if isinstance(p["steps"], dict)
+             else f"{p['steps']} per stage") + " steps" for p in recipe["phases"])
         steps.append(f"`{recipe['name']}` ({seconds[-1]:.0f} s: {per_phase}, lr {lr['start']:g}"
                      f" decaying to {lr['end']:g} every {lr['decay_every']} steps)")
     commands.append(f"python -m finetune.builtin_tiny export {chain[-1]}")

@@ -17,10 +17,10 @@ Name mapping used to initialise the student from the teacher (`teacher_key`):
 where `drop` is `drop_levels` (the lowest-resolution levels are removed, so the student's up
 block i is the teacher's up block i + drop). A tensor whose shape matches is copied.
 
-With `init: teacher_narrowed`, a narrower student (channel_scale < 1) also keeps the teacher's
-*leading* channels of every layer where shapes differ, as in width pruning: channel c of the student is channel c of the
-teacher everywhere, so consecutive layers stay consistent. Three layouts are not one run of
-channels and are narrowed part by part (`_parts`):
+With `init: teacher_narrowed`, a narrower student (channel_scale < 1) also keeps the
+teacher's *leading* channels where shapes differ, as in width pruning: channel c of the
+student is channel c of the teacher everywhere, so consecutive layers stay consistent. Three
+layouts are not one run of channels and are narrowed part by part (`_parts`):
 
     up_blocks.i.resnets.j.{conv1, conv_shortcut}  input = cat(hidden, skip): the leading
       and norm1                                   channels of each part
@@ -31,9 +31,9 @@ channels and are narrowed part by part (`_parts`):
                                                   grid: the teacher column of the nearest
                                                   frequency, in each half
 
-It starts much closer to the teacher, yet ended further from it after distillation on the
-tiny cascade (docs/distillation.md), so the default `init: teacher` copies matching shapes
-only and leaves the rest random; `init: random` copies nothing. `build_student` reports how
+Such a student starts much closer to the teacher, yet ended further from it after
+distillation on the tiny cascade (docs/distillation.md), so the default `init: teacher`
+copies matching shapes only and leaves the rest random; `init: random` copies nothing. `build_student` reports how
 many tensors were copied, narrowed and left random.
 
 The loss for one batch (weights from `distill.weights`, defaults 1, 1, 1):
@@ -46,9 +46,9 @@ with the teacher frozen (adapter fused), the same noisy input and conditioning f
 P the block pairs (student block, teacher block) of the name mapping whose outputs have the
 same spatial size. When a pair's channel counts differ (channel_scale < 1), a 1x1 convolution
 (proj_a, training-only, saved in checkpoints, not in the student) maps the student's features
-to the teacher's width, as in FitNets. For a student narrowed from the teacher (`init:
-teacher_narrowed`) it starts as the channel correspondence (student channel c -> teacher channel c,
-the others 0) instead of at random.
+to the teacher's width, as in FitNets. For a student narrowed from the teacher
+(`init: teacher_narrowed`) it starts as the channel correspondence (student channel c ->
+teacher channel c, the others 0) instead of at random.
 """
 from __future__ import annotations
 

@@ -60,3 +60,7 @@ def test_the_card_follows_a_chain_of_pretraining_runs(tmp_path):
                                      "finetune run recipes/pretrain-tiny-anneal.yaml",
                                      f"python -m finetune.builtin_tiny export {second}"]
     assert recipes.count("```yaml") == 2 and "name: pretrain-tiny-anneal" in recipes
+    # one step count for every stage is also a valid recipe
+    text = (first / "resolved_recipe.yaml").read_text().replace("{I: 10, II: 5}", "7")
+    (first / "resolved_recipe.yaml").write_text(text)
+    assert "(100 s: 7 per stage steps" in _history([first])[0]
