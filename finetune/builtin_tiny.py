@@ -64,6 +64,7 @@ def _history(chain: list[Path]) -> tuple[str, str, str]:
         text = (run / "resolved_recipe.yaml").read_text()
         recipe = yaml.safe_load(text)
         seconds.append(json.loads((run / "finished.json").read_text())["seconds"])
+        # the kit's pretraining recipes are named after their files (recipes/pretrain-tiny*.yaml)
         commands.append(f"finetune run recipes/{recipe['name']}.yaml")
         recipes.append(f"```yaml\n{text.rstrip()}\n```")
         lr = recipe["optim"]["lr"]
@@ -122,10 +123,10 @@ stage II {settings['steps_II']} steps, guidance {settings['guidance_scale']}). T
 shapes (star, cross) and colour (purple) were never seen: low scores there are what adaptation
 is for.
 
-Honest limits: the base is weak. Stage II was trained for only 800 steps and adds pixel noise
+Honest limits: the base is weak. Stage II, trained for the few steps above, adds pixel noise
 and colour shifts that cost the judge colour and count accuracy at 64px; stage I alone is the
-better-judged output, which is why the quickstart judges stage I (`eval.stages: [I]`). More
-pretraining (the recipe's step counts) is the lever; this is what fit in one CPU session.
+better-judged output, which is why the quickstart judges stage I (`eval.stages: [I]`).
+docs/quickstart.md says what more pretraining gave.
 
 | sampled through | prompts | colour | shape | count | position | overall |
 |---|---|---|---|---|---|---|
