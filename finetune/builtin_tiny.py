@@ -1,11 +1,13 @@
 """Ship a pretrained tiny cascade as `builtin:tiny`: fp16 copy, evaluation, model card.
 
-    finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining
-    finetune run recipes/pretrain-tiny-anneal.yaml          # optional: continued at a lower rate
-    python -m finetune.builtin_tiny export runs/pretrain-tiny-anneal [--to finetune/builtin/tiny]
+    finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining, both stages
+    finetune run recipes/pretrain-tiny-attn16.yaml          # the shipped stage I (takes stage II from above)
+    python -m finetune.builtin_tiny export runs/pretrain-tiny-attn16 [--to finetune/builtin/tiny]
 
-A run whose `cascade.path` is another finished run's `cascade/` continues that run; the card
-lists the whole chain (each run's time and resolved recipe).
+A run whose `cascade.path` is another finished run's `cascade/` continues that run, and a run
+may take a stage it does not train from a finished run (`cascade.stage_paths`, as
+recipes/pretrain-tiny-attn16.yaml takes stage II); the card lists every run that led to the
+weights (each run's time and resolved recipe).
 
 `export` copies the run's `cascade/` (whole IF pipeline folders) with every weight stored in
 fp16 (halves the package; the pipelines load them into fp32 on CPU), then judges the fp16
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -40,19 +43,56 @@ def to_fp16(folder: Path) -> None:
         save_file(tensors, str(file), metadata=meta)
 
 
-def run_chain(run: Path) -> list[Path]:
-    """The pretraining runs that led to `run`, first to last: a run whose cascade.path is a
-    finished run's cascade/ folder continued that run."""
+def _recipe(run: Path) -> dict:
     import yaml
 
-    chain = [run]
-    while len(chain) < 16:
-        recipe = yaml.safe_load((chain[0] / "resolved_recipe.yaml").read_text())
-        source = Path(recipe.get("cascade", {}).get("path") or "")
-        if source.name != "cascade" or not (source.parent / "finished.json").exists():
-            break
-        chain.insert(0, source.parent)
-    return chain
+    return yaml.safe_load((run / "resolved_recipe.yaml").read_text())
+
+
+def _finished_run_of(location: str) -> Path | None:
+    """The finished run whose cascade/ (or one of its stage folders) `location` names."""
+    path = Path(location)
+    for folder in (path, path.parent):
+        if folder.name == "cascade" and (folder.parent / "finished.json").exists():
+            return folder.parent
+    return None
+
+
+def source_runs(run: Path) -> list[Path]:
+    """The finished runs whose weights `run` started from: its cascade.path or a
+    cascade.stage_paths entry names their cascade/ folder."""
+    spec = _recipe(run).get("cascade", {})
+    found = [_finished_run_of(loc) for loc in [spec.get("path") or "", *(spec.get("stage_paths") or {}).values()]]
+    return list(dict.fromkeys(r for r in found if r is not None))
+
+
+def run_chain(run: Path, _depth: int = 0) -> list[Path]:
+    """The pretraining runs that led to `run`, sources before the runs that continued them:
+    a run whose cascade.path (or one stage's cascade.stage_paths) names a finished run's
+    cascade/ folder started from that run's weights."""
+    chain: list[Path] = []
+    if _depth < 16:
+        for source in source_runs(run):
+            chain += [r for r in run_chain(source, _depth + 1) if r not in chain]
+    return chain + [run]
+
+
+def untrained_stages(run: Path) -> dict[str, Path]:
+    """Stage folders the run did not train but ships: those its recipe took from a finished
+    run. A stage the run neither trained nor took from one would be random weights."""
+    spec = _recipe(run).get("cascade", {})
+    cascade = Cascade.from_spec(spec.get("path"), spec.get("stage_paths") or {})
+    extra = {}
+    for stage, folder in cascade.stage_dirs.items():
+        if (run / "cascade" / f"stage_{stage}").is_dir():
+            continue
+        if _finished_run_of(str(folder)) is None:
+            raise UserError(f"{run}: stage {stage} was not trained by this run and does not come from"
+                            f" a finished pretraining run ({folder}); its weights would be random:"
+                            f" train it, or point cascade.stage_paths.{stage} at a finished run's"
+                            f" cascade/stage_{stage}")
+        extra[stage] = folder
+    return extra
 
 
 def _history(chain: list[Path]) -> tuple[str, str, str]:
@@ -78,8 +118,29 @@ def _history(chain: list[Path]) -> tuple[str, str, str]:
     return how, "\n".join(commands), "\n\n".join(recipes)
 
 
+def unet_summary(stage_dir: Path) -> str:
+    """'UNet of 2.2M parameters, attention at 8 and 4px' from a saved stage folder."""
+    from safetensors import safe_open
+
+    config = json.loads((stage_dir / "unet" / "config.json").read_text())
+    count = 0
+    for file in (stage_dir / "unet").glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            count += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    size = config["sample_size"]
+    grids = [size // 2 ** level for level, kind in enumerate(config["down_block_types"]) if "Attn" in kind]
+    if not grids:
+        return f"UNet of {count / 1e6:.1f}M parameters, no attention"
+    names = [str(g) for g in grids]
+    where = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+    return f"UNet of {count / 1e6:.1f}M parameters, attention at {where}px"
+
+
 def card(run: Path, target: Path, scores: dict, settings: dict) -> str:
     how_long, commands, recipes = _history(run_chain(run))
+    origin = {stage.name.removeprefix("stage_"): run.name for stage in sorted((run / "cascade").glob("stage_*"))}
+    origin.update({stage: _finished_run_of(str(folder)).name for stage, folder in untrained_stages(run).items()})
+    shipped_from = ", ".join(f"stage {stage} from `{name}`" for stage, name in sorted(origin.items()))
     rows = []
     for label, by_set in scores.items():
         for name, spec in EVAL_SETS.items():
@@ -98,9 +159,9 @@ tags: [deepfloyd-if, tiny, synthetic, cascade-adaptation-kit]
 A two-stage DeepFloyd-IF-layout cascade small enough to train and sample on a laptop CPU, made
 so the kit's quickstart adapts a *real pretrained* model with no downloads.
 
-- **stage_I**: `IFPipeline`, text to 32x32 pixels, UNet of 2.2M parameters.
+- **stage_I**: `IFPipeline`, text to 32x32 pixels, {unet_summary(target / "stage_I")}.
 - **stage_II**: `IFSuperResolutionPipeline`, 32 to 64 pixels with noise-conditioning
-  augmentation, UNet of 0.8M parameters.
+  augmentation, {unet_summary(target / "stage_II")}.
 - **text encoder**: a 2-layer `T5EncoderModel` (d_model 32) with random, frozen weights and
   the kit's own `T5Tokenizer` (finetune/tiny_tokenizer.py); the UNets learn to read it.
 
@@ -109,6 +170,7 @@ so the kit's quickstart adapts a *real pretrained* model with no downloads.
 Full-parameter training of both UNets on the synthetic world's **general** split (shapes
 circle/square/triangle; colours red/green/blue/yellow; 1-3 objects; nine positions), from
 random weights, on this kit's own trainer, on a 2-core CPU: {how_long}.
+The shipped weights are {shipped_from}.
 Weights are the EMA of training (decay in the recipe), stored in fp16 ({size / 1e6:.1f} MB).
 
 ```bash
@@ -148,9 +210,12 @@ def export(run: Path, target: Path) -> dict:
     source = run / "cascade"
     if not (run / "finished.json").exists() or not (source / "stage_I").is_dir():
         raise UserError(f"{run}: not a finished full-parameter run (no finished.json or cascade/stage_I)")
+    extra = untrained_stages(run)
     with atomic_dir(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("finetune.json"))
+        for stage, folder in extra.items():
+            shutil.copytree(folder, tmp / f"stage_{stage}", ignore=shutil.ignore_patterns("finetune.json"))
         to_fp16(tmp)
     sample = SampleSpec(steps=30, steps_II=50, batch_size=32)
     prompt_sets = {name: load_prompt_set(spec) for name, spec in EVAL_SETS.items()}

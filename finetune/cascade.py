@@ -24,12 +24,14 @@ from .errors import UserError
 STAGES = ("I", "II", "III")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
-# builtin:tiny       the shipped pretrained tiny cascade (finetune/builtin/tiny, made by
-#                    recipes/pretrain-tiny.yaml; see its README.md for how and how good)
-# builtin:tiny-init  the same shape with random weights: where that pretraining starts
+# builtin:tiny       the shipped pretrained tiny cascade (finetune/builtin/tiny: stage II from
+#                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-attn16.yaml;
+#                    see its README.md for how and how good)
+# builtin:tiny-init  random weights, stage I attending at 8 and 4px: where the first pretraining starts
+# builtin:tiny-init-attn16  the same with stage I attending at 16px too: the shipped stage I's shape
 # builtin:tiny-random the smallest IF-layout cascade, random: tests and smoke runs
 SHIPPED_DIR = Path(__file__).parent / "builtin"
-BUILTIN_BUILDS = {"tiny-random": "test", "tiny-init": "base"}
+BUILTIN_BUILDS = {"tiny-random": "test", "tiny-init": "base", "tiny-init-attn16": "base-attn16"}
 BUILTIN_NAMES = ("tiny", *BUILTIN_BUILDS)
 
 
@@ -40,9 +42,10 @@ def default_cache_dir() -> Path:
 
 # ----------------------------------------------------------------------------- tiny builder
 
-# Two shapes: "test" is as small as diffusers allows (fast tests); "base" is the shape of the
-# shipped pretrained `builtin:tiny` (32px stage I, x2 stage II): narrow at full resolution,
-# attention only on the coarse grids, where it is cheap on a CPU and sees the whole image.
+# "test" is as small as diffusers allows (fast tests); "base" is the first pretrained tiny
+# cascade's shape (32px stage I, x2 stage II): narrow at full resolution, attention only on the
+# coarse grids, where it is cheap on a CPU and sees the whole image. The shipped stage I is
+# "base-attn16" (its stage II is "base"'s).
 TINY_SHAPES = {
     "test": {"I": dict(block_out_channels=[32, 64], attention=[False, True], norm_num_groups=32),
              "II": dict(block_out_channels=[32, 64], attention=[False, True], norm_num_groups=32)},
@@ -50,6 +53,12 @@ TINY_SHAPES = {
                        norm_num_groups=8),
              "II": dict(block_out_channels=[16, 32, 64], attention=[False, False, True],
                         norm_num_groups=8)},
+    # stage I attends at 16px too: attention LoRA then reaches the level where an object's
+    # outline is drawn (docs/quickstart.md); same widths, about 30% more step time
+    "base-attn16": {"I": dict(block_out_channels=[16, 32, 64, 96], attention=[False, True, True, True],
+                              norm_num_groups=8),
+                    "II": dict(block_out_channels=[16, 32, 64], attention=[False, False, True],
+                               norm_num_groups=8)},
 }
 
 

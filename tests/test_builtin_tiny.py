@@ -3,6 +3,7 @@ images the judge recognises (well above chance) through the stock pipelines."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from safetensors import safe_open
 
 from finetune.cascade import SHIPPED_DIR, Cascade
@@ -40,12 +41,12 @@ def test_builtin_tiny_samples_recognisable_images():
 def test_the_card_follows_a_chain_of_pretraining_runs(tmp_path):
     from finetune.builtin_tiny import _history, run_chain
 
-    def fake_run(name, cascade_path, seconds):
+    def fake_run(name, cascade_path, seconds, stage_paths="{}"):
         run = tmp_path / name
         (run / "cascade").mkdir(parents=True)
         (run / "finished.json").write_text(f'{{"seconds": {seconds}}}')
         (run / "resolved_recipe.yaml").write_text(
-            f"name: {name}\ncascade: {{path: '{cascade_path}'}}\n"
+            f"name: {name}\ncascade: {{path: '{cascade_path}', stage_paths: {stage_paths}}}\n"
             "optim: {lr: {start: 0.0005, end: 5.0e-05, decay_every: 2500}}\n"
             "phases: [{name: p, steps: {I: 10, II: 5}}]\n")
         return run
@@ -64,3 +65,46 @@ def test_the_card_follows_a_chain_of_pretraining_runs(tmp_path):
     text = (first / "resolved_recipe.yaml").read_text().replace("{I: 10, II: 5}", "7")
     (first / "resolved_recipe.yaml").write_text(text)
     assert "(100 s: 7 per stage steps" in _history([first])[0]
+    # a run that takes one stage from a finished run (stage_paths) lists it before itself, once
+    third = fake_run("pretrain-tiny-attn16", "builtin:tiny-init-attn16", 70,
+                     stage_paths=f"{{II: '{second / 'cascade' / 'stage_II'}'}}")
+    assert run_chain(third) == [first, second, third]
+
+
+def _fake_stage(folder):
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    return folder
+
+
+def test_export_ships_untrained_stages_only_from_finished_runs(tmp_path):
+    from finetune.builtin_tiny import untrained_stages
+    from finetune.errors import UserError
+
+    source = tmp_path / "first"
+    _fake_stage(source / "cascade" / "stage_II")
+    (source / "finished.json").write_text('{"seconds": 1}')
+    random_base = tmp_path / "init"
+    _fake_stage(random_base / "stage_I")
+    _fake_stage(random_base / "stage_II")
+    run = tmp_path / "second"
+    _fake_stage(run / "cascade" / "stage_I")   # the only stage this run trained
+
+    def recipe(stage_paths):
+        (run / "resolved_recipe.yaml").write_text(
+            f"name: second\ncascade: {{path: '{random_base}', stage_paths: {stage_paths}}}\n")
+
+    recipe(f"{{II: '{source / 'cascade' / 'stage_II'}'}}")
+    assert untrained_stages(run) == {"II": source / "cascade" / "stage_II"}
+    recipe("{}")   # stage II would be the random base's
+    with pytest.raises(UserError, match="stage II was not trained by this run.*cascade.stage_paths.II"):
+        untrained_stages(run)
+
+
+def test_the_card_describes_each_unet_from_its_files():
+    from finetune.builtin_tiny import unet_summary
+
+    shipped = SHIPPED_DIR / "tiny"
+    assert unet_summary(shipped / "stage_II") == "UNet of 0.8M parameters, attention at 16px"
+    stage_i = unet_summary(shipped / "stage_I")
+    assert stage_i.startswith("UNet of 2.2M parameters, attention at ") and stage_i.endswith("8 and 4px")
