@@ -31,3 +31,16 @@ def test_gpu_benchmark_smoke_run_on_cpu_prints_throughput_and_flops(tmp_path, ca
     assert result["images_per_s"] > 0 and result["step_tflop"] > result["model_tflop"] / 3 > 0
     assert result["mfu"] > 0 and result["peak_gpu_memory_gib"] is None  # no GPU here
     assert "images_per_s" in capsys.readouterr().out
+
+
+def test_text_share_counts_t5_xxl_as_two_flops_per_weight_per_token():
+    from if_text_share import TOKENS, T5_V1_1_XXL, forward_flops
+
+    flops = forward_flops()
+    d, ff, layers = T5_V1_1_XXL["d_model"], T5_V1_1_XXL["d_ff"], T5_V1_1_XXL["num_layers"]
+    heads = T5_V1_1_XXL["num_heads"] * T5_V1_1_XXL["d_kv"]
+    weights = layers * (4 * d * heads + 3 * d * ff)   # q, k, v, o; gated feed-forward (wi_0, wi_1, wo)
+    attention = layers * 2 * 2 * TOKENS * TOKENS * heads   # scores and weighted sum
+    assert flops["text_forward"] == 2 * weights * TOKENS + attention
+    # the UNet's forward at 64px is several times the caption's encoding (measured 2.88 vs 0.72 TFLOP)
+    assert 3 < flops["unet_forward"] / flops["text_forward"] < 5
