@@ -2,7 +2,7 @@
 peft LoRA loop (benchmarks/reference_lora.py), on the same model, data, batch, steps and seed;
 then sampling latency of the cascade, teacher against a distilled student.
 
-    python benchmarks/run_benchmark.py                 # prints the tables (about 6 minutes here)
+    python benchmarks/run_benchmark.py                 # prints the tables (about 8 minutes here)
     python benchmarks/run_benchmark.py --reps 5 --markdown docs/performance-latest.md
     python benchmarks/run_benchmark.py --compile       # also the kit with train.compile: true
                                                        # (adds minutes of compilation per run)
