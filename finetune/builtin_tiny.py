@@ -136,10 +136,11 @@ def unet_summary(stage_dir: Path) -> str:
     return f"UNet of {count / 1e6:.1f}M parameters, attention at {where}px"
 
 
-def card(run: Path, target: Path, scores: dict, settings: dict) -> str:
+def card(run: Path, target: Path, scores: dict, settings: dict, untrained: dict[str, Path]) -> str:
+    """The model card; `untrained` is untrained_stages(run), computed once by export."""
     how_long, commands, recipes = _history(run_chain(run))
     origin = {stage.name.removeprefix("stage_"): run.name for stage in sorted((run / "cascade").glob("stage_*"))}
-    origin.update({stage: _finished_run_of(str(folder)).name for stage, folder in untrained_stages(run).items()})
+    origin.update({stage: _finished_run_of(str(folder)).name for stage, folder in untrained.items()})
     shipped_from = ", ".join(f"stage {stage} from `{name}`" for stage, name in sorted(origin.items()))
     rows = []
     for label, by_set in scores.items():
@@ -226,7 +227,7 @@ def export(run: Path, target: Path) -> dict:
         result = evaluate_variants(cascade, [CascadeVariant("trained")], prompt_sets, spec,
                                    run / "export" / label.split()[0])
         scores[label] = {name: r["trained"] for name, r in result.items()}
-    (target / "README.md").write_text(card(run, target, scores, sample.model_dump()))
+    (target / "README.md").write_text(card(run, target, scores, sample.model_dump(), extra))
     (target / "eval.json").write_text(json.dumps({"results": scores, "prompt_sets": EVAL_SETS,
                                                   "sample": sample.model_dump()}, indent=2))
     return scores
