@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-T5_V1_1_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
+from gpu_if_xl import TEXT_DIM, if_i_xl_config  # noqa: E402
+
+T5_V1_1_XXL = dict(d_model=TEXT_DIM, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
                    feed_forward_proj="gated-gelu", vocab_size=32128)
 TOKENS = 77  # IF pads every caption to 77 tokens
 
@@ -30,11 +32,10 @@ def forward_flops(scale: float = 1.0) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import T5Config, T5EncoderModel
 
-    from gpu_if_xl import TEXT_DIM, if_i_xl_config
-
     t5 = dict(T5_V1_1_XXL)
     if scale != 1.0:
-        t5.update(d_model=max(64, int(4096 * scale)), d_ff=max(64, int(10240 * scale)), num_layers=2)
+        t5.update(d_model=max(64, int(t5["d_model"] * scale)), d_ff=max(64, int(t5["d_ff"] * scale)),
+                  num_layers=2)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**dict(if_i_xl_config(scale), encoder_hid_dim=t5["d_model"]))
         encoder = T5EncoderModel(T5Config(**t5))
@@ -45,7 +46,6 @@ def forward_flops(scale: float = 1.0) -> dict:
         with FlopCounterMode(display=False) as counter:
             encoder(input_ids=torch.zeros(1, TOKENS, dtype=torch.long))
         text_flops = counter.get_total_flops()
-    assert TEXT_DIM == T5_V1_1_XXL["d_model"]
     return {"unet_forward": unet_flops, "text_forward": text_flops}
 
 
