@@ -28,10 +28,13 @@ BUILTIN_PREFIX = "builtin:"
 #                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-attn16.yaml;
 #                    see its README.md for how and how good)
 # builtin:tiny-init  random weights, stage I attending at 8 and 4px: where the first pretraining starts
-# builtin:tiny-init-attn16  the same with stage I attending at 16px too: the shipped stage I's shape
+# builtin:tiny-init-attn16  the same with stage I attending at 16px too
+# builtin:tiny-init-vpred   the same as tiny-init-attn16, predicting velocity instead of noise
 # builtin:tiny-random the smallest IF-layout cascade, random: tests and smoke runs
 SHIPPED_DIR = Path(__file__).parent / "builtin"
-BUILTIN_BUILDS = {"tiny-random": "test", "tiny-init": "base", "tiny-init-attn16": "base-attn16"}
+BUILTIN_BUILDS = {"tiny-random": dict(shape="test"), "tiny-init": dict(shape="base"),
+                  "tiny-init-attn16": dict(shape="base-attn16"),
+                  "tiny-init-vpred": dict(shape="base-attn16", prediction_type="v_prediction")}
 BUILTIN_NAMES = ("tiny", *BUILTIN_BUILDS)
 
 
@@ -98,7 +101,7 @@ def tiny_stage_configs(text_dim: int = 32, stage_i_size: int = 32, stage_ii_size
     return {"I": stage_i, "II": stage_ii}
 
 
-def if_scheduler():
+def if_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -107,14 +110,16 @@ def if_scheduler():
         thresholding=True,
         dynamic_thresholding_ratio=0.95,
         sample_max_value=1.0,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         variance_type="learned_range",
     )
 
 
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, stage_i_size: int = 32,
-               stage_ii_size: int = 64, text_dim: int = 32, shape: str = "test") -> Path:
+               stage_ii_size: int = 64, text_dim: int = 32, shape: str = "test",
+               prediction_type: str = "epsilon") -> Path:
     """Build a tiny random IF-layout cascade with diffusers/transformers classes and save it.
+    Its UNets predict noise as IF's do, or velocity (`prediction_type="v_prediction"`).
 
     The result loads with stock `IFPipeline.from_pretrained(out_dir/"stage_I")` and
     `IFSuperResolutionPipeline.from_pretrained(out_dir/"stage_II")`.
@@ -139,9 +144,9 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, stage_i_size: int = 32
     no_safety = dict(safety_checker=None, feature_extractor=None, watermarker=None,
                      requires_safety_checker=False)
     stage_i = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet_i,
-                         scheduler=if_scheduler(), **no_safety)
+                         scheduler=if_scheduler(prediction_type), **no_safety)
     stage_ii = IFSuperResolutionPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet_ii, scheduler=if_scheduler(),
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet_ii, scheduler=if_scheduler(prediction_type),
         image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000,
                                               beta_schedule="squaredcos_cap_v2"),
         **no_safety)
@@ -185,7 +190,7 @@ def resolve_location(location: str, what: str, revision: str | None = None,
             return shipped
         target = (cache_dir or default_cache_dir()) / "builtin" / name
         if not (target / "stage_I").is_dir():
-            build_tiny(target, shape=BUILTIN_BUILDS[name])
+            build_tiny(target, **BUILTIN_BUILDS[name])
         return target
     path = Path(location).expanduser()
     if path.exists():

@@ -162,8 +162,6 @@ class ContrastiveTerm:
         return self._denoising(model, objective, images, embeds, texts, draws, text_cache, generator)
 
     def _denoising(self, model, objective, images, embeds, texts, draws, text_cache, generator):
-        from .diffusion import split_prediction
-
         n = min(self.spec.samples, len(texts))
         chosen = torch.randperm(len(texts), generator=generator)[:n].tolist()
         k = self.spec.negatives
@@ -182,6 +180,5 @@ class ContrastiveTerm:
         for j in range(k + 1):
             cond = embeds[chosen] if j == 0 else text_cache.get([neg[j - 1] for neg in negatives]).to(embeds.device, embeds.dtype)
             out = model(model_input, t, encoder_hidden_states=cond, **kwargs).sample
-            eps, _ = split_prediction(out, channels=images.shape[1])
-            errors.append((eps.float() - noise.float()).pow(2).mean(dim=(1, 2, 3)))
+            errors.append(objective.prediction_error(out, images[chosen], noise, t))
         return denoising_contrast(torch.stack(errors, dim=1), self.spec.temperature)

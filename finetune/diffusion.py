@@ -11,6 +11,12 @@ scheduler would then sample with a wrong variance. So by default v is trained wi
 Improved-DDPM hybrid objective: MSE on epsilon plus the variational bound term L_t, with the
 mean stopped from receiving its gradient (their Section 3.1), in bits per dimension, weight 1
 per timestep (equivalent to their lambda = 0.001 on the full sum over 1000 steps).
+
+The first half is epsilon for IF itself; a cascade whose scheduler says
+`prediction_type: v_prediction` predicts the velocity v = sqrt(abar) eps - sqrt(1 - abar) x0
+instead (Salimans & Ho 2022), as diffusers' schedulers read it. Its loss weights the clean
+image's error at high noise, where an epsilon model's small errors become large errors in
+the image's mean colour (docs/quickstart.md, session 7).
 """
 from __future__ import annotations
 
@@ -36,6 +42,28 @@ def gaussian_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def regression_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
+                      noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet's first half is trained to output: the noise, or the velocity."""
+    if prediction_type == "epsilon":
+        return noise
+    abar = _gather(alphas_cumprod, t, x0.ndim)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+
+def epsilon_from(prediction_type: str, alphas_cumprod: torch.Tensor, prediction: torch.Tensor,
+                 x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise a prediction implies (the variance bound is written in epsilon):
+    eps = sqrt(abar) v + sqrt(1 - abar) x_t for a velocity."""
+    if prediction_type == "epsilon":
+        return prediction
+    abar = _gather(alphas_cumprod, t, x_t.ndim)
+    return abar.sqrt() * prediction + (1 - abar).sqrt() * x_t
 
 
 def variance_vlb(alphas_cumprod: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
@@ -68,9 +96,9 @@ def _gather_mask(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return (t > 0).view(-1, *([1] * (ndim - 1)))
 
 
-def epsilon_mse(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error of the epsilon prediction (Ho et al. 2020, L_simple)."""
-    return F.mse_loss(eps_pred.float(), noise.float(), reduction="none").flatten(1).mean(1)
+def prediction_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error of the prediction (Ho et al. 2020, L_simple)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
 def degrade_for_super_resolution(images: torch.Tensor, low_size: int) -> torch.Tensor:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import degrade_for_super_resolution, epsilon_mse, split_prediction, variance_vlb
+from .diffusion import (PREDICTION_TYPES, degrade_for_super_resolution, epsilon_from, prediction_mse,
+                        regression_target, split_prediction, variance_vlb)
+from .errors import UserError
 
 
 @dataclass
@@ -25,6 +27,11 @@ class StageObjective:
     noise_aug_max: int = 999
     variance: str = "vlb"                   # "vlb" trains the learned variance; "ignore" does not
     vlb_weight: float = 1.0
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts, as the stage's scheduler config says (diffusers reads it)."""
+        return self.scheduler.config.prediction_type
 
     @property
     def super_resolution(self) -> bool:
@@ -68,16 +75,27 @@ class StageObjective:
         out = unet(model_input, t, encoder_hidden_states=text_embeds, **kwargs).sample
         return self.prediction_loss(out, images, noise, x_t, t)
 
+    def prediction_error(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
+                         t: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE of the UNet output's first half against its target (noise or velocity)."""
+        prediction, _ = split_prediction(out, channels=images.shape[1])
+        target = regression_target(self.prediction_type, self.scheduler.alphas_cumprod, images.float(),
+                                   noise.float(), t)
+        return prediction_mse(prediction, target)
+
     def prediction_loss(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
                         x_t: torch.Tensor, t: torch.Tensor):
-        """The denoising loss of a UNet output (epsilon, plus the learned variance's VLB)."""
-        eps, v = split_prediction(out, channels=images.shape[1])
-        mse = epsilon_mse(eps, noise)
+        """The denoising loss of a UNet output (noise or velocity MSE, plus the learned
+        variance's VLB)."""
+        mse = self.prediction_error(out, images, noise, t)
         loss = mse
-        metrics = {"loss_eps": mse.mean().detach()}
+        metrics = {"loss_pred": mse.mean().detach()}
+        prediction, v = split_prediction(out, channels=images.shape[1])
         if v is not None and self.variance == "vlb":
+            eps = epsilon_from(self.prediction_type, self.scheduler.alphas_cumprod, prediction.float(),
+                               x_t.float(), t)
             vlb = variance_vlb(self.scheduler.alphas_cumprod, images.float(), x_t.float(), t,
-                               eps.float(), v.float())
+                               eps, v.float())
             loss = loss + self.vlb_weight * vlb
             metrics["loss_vlb"] = vlb.mean().detach()
         return loss, metrics
@@ -95,6 +113,9 @@ def stage_objective(cascade, stage: str, train, vlb_weight: float | None = None)
     """The objective of one stage of a cascade under the recipe's `train` settings."""
     vlb_weight = train.vlb_weight if vlb_weight is None else vlb_weight
     scheduler = cascade.load_scheduler(stage)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"cascade stage {stage}: scheduler/scheduler_config.json has prediction_type"
+                        f" '{scheduler.config.prediction_type}'; the kit trains {' or '.join(PREDICTION_TYPES)}")
     if not cascade.is_super_resolution(stage):
         return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
     return StageObjective(scheduler, cascade.load_image_noising_scheduler(stage), low_resolution(cascade, stage, train),

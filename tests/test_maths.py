@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from finetune.diffusion import degrade_for_super_resolution, gaussian_kl, variance_vlb
+from finetune.diffusion import (degrade_for_super_resolution, epsilon_from, gaussian_kl, regression_target,
+                                variance_vlb)
 from finetune.schedule import step_decay_lr
 
 
@@ -69,3 +70,25 @@ def test_super_resolution_conditioning_is_blurred_same_size():
     assert low.shape == img.shape
     assert low.std().item() < img.std().item() / 4
     assert math.isclose(low.mean().item(), img.mean().item(), abs_tol=0.05)
+
+
+def test_velocity_target_and_its_noise_follow_diffusers_conventions():
+    """The kit's velocity target is the scheduler's get_velocity, and a perfect velocity
+    prediction gives back the clean image through the stock DDPMScheduler's step (so what
+    is trained is what diffusers samples with)."""
+    from finetune.cascade import if_scheduler
+
+    scheduler = if_scheduler("v_prediction")
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([40, 900])
+    x_t = scheduler.add_noise(x0, noise, t)
+    velocity = regression_target("v_prediction", scheduler.alphas_cumprod, x0, noise, t)
+    assert torch.allclose(velocity, scheduler.get_velocity(x0, noise, t), atol=1e-6)
+    assert torch.allclose(epsilon_from("v_prediction", scheduler.alphas_cumprod, velocity, x_t, t), noise, atol=1e-4)
+    assert regression_target("epsilon", scheduler.alphas_cumprod, x0, noise, t) is noise
+    scheduler.set_timesteps(1000)
+    for i in range(2):
+        out = torch.cat([velocity[i:i + 1], torch.zeros_like(x0[i:i + 1])], dim=1)  # + learned variance
+        step = scheduler.step(out, int(t[i]), x_t[i:i + 1], generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(step.pred_original_sample, x0[i:i + 1], atol=1e-3)

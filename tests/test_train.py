@@ -3,6 +3,7 @@ refuses what would lose work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -452,3 +453,47 @@ def test_xformers_switch_reaches_every_trained_unet(recipe_factory, monkeypatch)
     path = recipe_factory(steps=1, stages="[I, II]")
     assert main(["run", str(path), "--set", "train.attention=xformers", "--set", "eval.prompt_sets={}"]) == 0
     assert len(switched) == 4  # general and domain phases, stages I and II
+
+
+def _with_prediction_type(cascade: Path, target: Path, prediction_type: str) -> Path:
+    """A copy of a cascade whose schedulers say the UNets predict `prediction_type`."""
+    import shutil
+
+    shutil.copytree(cascade, target)
+    for stage in ("stage_I", "stage_II"):
+        config = target / stage / "scheduler" / "scheduler_config.json"
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), prediction_type=prediction_type)))
+    return target
+
+
+def test_a_velocity_cascade_is_trained_on_velocity_and_keeps_its_scheduler(recipe_factory, tiny_cascade, tmp_path):
+    from finetune.cascade import Cascade
+    from finetune.objective import stage_objective
+    from finetune.recipe.schema import TrainSpec
+
+    velocity_cascade = _with_prediction_type(tiny_cascade, tmp_path / "velocity", "v_prediction")
+    by_velocity = stage_objective(Cascade.from_spec(str(velocity_cascade)), "I", TrainSpec())
+    by_noise = stage_objective(Cascade.from_spec(str(tiny_cascade)), "I", TrainSpec())
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    _, t, noise, _, _ = by_velocity.unet_inputs(x0, by_velocity.draw(tuple(x0.shape), torch.Generator().manual_seed(0)))
+    exact = torch.cat([by_velocity.scheduler.get_velocity(x0, noise, t), torch.zeros_like(x0)], dim=1)
+    assert by_velocity.prediction_error(exact, x0, noise, t).max() < 1e-10
+    assert by_noise.prediction_error(exact, x0, noise, t).min() > 1e-2
+
+    path = recipe_factory(steps=2, general_steps=1, extra="method: full")
+    path.write_text(path.read_text().replace(str(tiny_cascade), str(velocity_cascade)))
+    run = run_recipe(load_recipe(path)).run_dir
+    saved = json.loads((run / "cascade/stage_I/scheduler/scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"  # diffusers samples it as it was trained
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_a_prediction_type_the_kit_cannot_train_is_refused(recipe_factory, tiny_cascade, tmp_path, capsys):
+    sample_cascade = _with_prediction_type(tiny_cascade, tmp_path / "sample", "sample")
+    path = recipe_factory(steps=2)
+    path.write_text(path.read_text().replace(str(tiny_cascade), str(sample_cascade)))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "prediction_type 'sample'" in err and "scheduler_config.json" in err and "Traceback" not in err
