@@ -4,7 +4,9 @@ diffusers' own text-to-image / DreamBooth LoRA examples do it.
 Per step it reads and decodes the batch's image files, resizes and centre-crops them, tokenizes
 the captions and runs the frozen T5 encoder on them, noises the images, runs the UNet in fp32
 with the default attention, and takes an AdamW step on the LoRA weights with gradient
-clipping at 1.0. The loss is the examples' MSE on the epsilon half of IF's 6-channel output.
+clipping at 1.0. The loss is the examples' MSE on the first half of IF's 6-channel output
+against the noise, or against the velocity when the scheduler says `v_prediction` (as the
+examples do).
 For stage II it builds the super-resolution conditioning as the kit does (down-sample,
 up-sample, noise with the image-noising scheduler at a random level passed as class_labels),
 so both loops do the same UNet work.
@@ -90,8 +92,11 @@ def train_reference(stage_dir: Path, text_dir: Path, data_dir: Path, batch_size:
             noisy = torch.cat([noisy, low], dim=1)
             kwargs["class_labels"] = level
         pred = unet(noisy, t, encoder_hidden_states=embeds, **kwargs).sample
-        eps, _ = pred.chunk(2, dim=1)
-        loss = F.mse_loss(eps.float(), noise.float())
+        prediction, _ = pred.chunk(2, dim=1)
+        target = noise
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(images, noise, t)
+        loss = F.mse_loss(prediction.float(), target.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

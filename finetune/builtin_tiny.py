@@ -118,8 +118,12 @@ def _history(chain: list[Path]) -> tuple[str, str, str]:
     return how, "\n".join(commands), "\n\n".join(recipes)
 
 
+PREDICTS = {"epsilon": "noise", "v_prediction": "velocity (v-prediction)"}
+
+
 def unet_summary(stage_dir: Path) -> str:
-    """'UNet of 2.2M parameters, attention at 8 and 4px' from a saved stage folder."""
+    """'UNet of 2.2M parameters, attention at 8 and 4px, predicts noise' from a saved stage
+    folder (its scheduler says what the UNet predicts)."""
     from safetensors import safe_open
 
     config = json.loads((stage_dir / "unet" / "config.json").read_text())
@@ -127,13 +131,15 @@ def unet_summary(stage_dir: Path) -> str:
     for file in (stage_dir / "unet").glob("*.safetensors"):
         with safe_open(file, "pt") as handle:
             count += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    prediction = json.loads((stage_dir / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+    predicts = f"predicts {PREDICTS.get(prediction, prediction)}"
     size = config["sample_size"]
     grids = [size // 2 ** level for level, kind in enumerate(config["down_block_types"]) if "Attn" in kind]
     if not grids:
-        return f"UNet of {count / 1e6:.1f}M parameters, no attention"
+        return f"UNet of {count / 1e6:.1f}M parameters, no attention, {predicts}"
     names = [str(g) for g in grids]
     where = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-    return f"UNet of {count / 1e6:.1f}M parameters, attention at {where}px"
+    return f"UNet of {count / 1e6:.1f}M parameters, attention at {where}px, {predicts}"
 
 
 def card(run: Path, target: Path, scores: dict, settings: dict, untrained: dict[str, Path]) -> str:
