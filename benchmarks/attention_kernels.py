@@ -34,8 +34,9 @@ def kernel_context(kernel: str):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def build_step(stage: str, kernel: str, batch: int, rank: int, compile_unet: bool):
-    """A closure running one LoRA training step of the stage's UNet with `kernel`."""
+def build_step(stage: str, kernel: str, batch: int, rank: int, compile_unet: bool = False):
+    """A closure running one LoRA training step of the stage's UNet with `kernel`; it returns
+    the step's loss. Weights and inputs are seeded alike for every kernel."""
     import torch
     from diffusers.models.attention_processor import AttnAddedKVProcessor
     from peft import LoraConfig
@@ -60,12 +61,14 @@ def build_step(stage: str, kernel: str, batch: int, rank: int, compile_unet: boo
     text = torch.randn(batch, 77, cascade.text_dim())
     kwargs = {"class_labels": torch.randint(0, 1000, (batch,))} if channels == 6 else {}
 
-    def step() -> None:
+    def step() -> float:
         with kernel_context(kernel):
             out = model(x, t, encoder_hidden_states=text, **kwargs).sample
-            out.float().pow(2).mean().backward()
+            loss = out.float().pow(2).mean()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return float(loss)
 
     return step
 

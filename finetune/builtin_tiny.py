@@ -1,12 +1,12 @@
 """Ship a pretrained tiny cascade as `builtin:tiny`: fp16 copy, evaluation, model card.
 
     finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining, both stages
-    finetune run recipes/pretrain-tiny-attn16.yaml          # the shipped stage I (takes stage II from above)
-    python -m finetune.builtin_tiny export runs/pretrain-tiny-attn16 [--to finetune/builtin/tiny]
+    finetune run recipes/pretrain-tiny-vpred.yaml           # the shipped stage I (takes stage II from above)
+    python -m finetune.builtin_tiny export runs/pretrain-tiny-vpred [--to finetune/builtin/tiny]
 
 A run whose `cascade.path` is another finished run's `cascade/` continues that run, and a run
 may take a stage it does not train from a finished run (`cascade.stage_paths`, as
-recipes/pretrain-tiny-attn16.yaml takes stage II); the card lists every run that led to the
+recipes/pretrain-tiny-vpred.yaml takes stage II); the card lists every run that led to the
 weights (each run's time and resolved recipe).
 
 `export` copies the run's `cascade/` (whole IF pipeline folders) with every weight stored in

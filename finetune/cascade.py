@@ -25,11 +25,12 @@ STAGES = ("I", "II", "III")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 # builtin:tiny       the shipped pretrained tiny cascade (finetune/builtin/tiny: stage II from
-#                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-attn16.yaml;
+#                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-vpred.yaml;
 #                    see its README.md for how and how good)
 # builtin:tiny-init  random weights, stage I attending at 8 and 4px: where the first pretraining starts
 # builtin:tiny-init-attn16  the same with stage I attending at 16px too
-# builtin:tiny-init-vpred   the same as tiny-init-attn16, predicting velocity instead of noise
+# builtin:tiny-init-vpred   the same as tiny-init-attn16, predicting velocity instead of noise:
+#                           the shipped stage I's start
 # builtin:tiny-random the smallest IF-layout cascade, random: tests and smoke runs
 SHIPPED_DIR = Path(__file__).parent / "builtin"
 BUILTIN_BUILDS = {"tiny-random": dict(shape="test"), "tiny-init": dict(shape="base"),

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
@@ -44,3 +46,17 @@ def test_text_share_counts_t5_xxl_as_two_flops_per_weight_per_token():
     assert flops["text_forward"] == 2 * weights * TOKENS + attention
     # the UNet's forward at 64px is several times the caption's encoding (measured 2.88 vs 0.72 TFLOP)
     assert 3 < flops["unet_forward"] / flops["text_forward"] < 5
+
+
+def test_attention_kernels_compared_compute_the_same_steps():
+    """The kernel benchmark times interchangeable kernels: same weights, inputs and losses."""
+    from attention_kernels import KERNELS, build_step
+
+    def two_steps(kernel: str) -> list[float]:
+        step = build_step("I", kernel, batch=2, rank=4)
+        return [step(), step()]
+
+    losses = {kernel: two_steps(kernel) for kernel in KERNELS}
+    for kernel in KERNELS:
+        assert losses[kernel] == pytest.approx(losses["sdpa"], rel=1e-4), kernel
+    assert losses["sdpa"][0] != losses["sdpa"][1]  # the second step follows an optimizer update
