@@ -24,6 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TIMESTEPS = (950, 900, 800, 700, 500, 300)
 
 
+def drawn_images(scenes, size: int):
+    """The scenes drawn at `size`, as a [-1, 1] batch (seeded: the same for every cascade)."""
+    import numpy as np
+    import torch
+
+    from data_tools.synth import render
+
+    rng = np.random.default_rng(0)
+    return torch.stack([torch.from_numpy(np.asarray(render(s, size, rng), np.float32) / 127.5 - 1)
+                        .permute(2, 0, 1) for s in scenes])
+
+
 def clean_image_errors(cascade, images, captions) -> dict[int, float]:
     """{t: mean-colour error of the predicted clean image (0-255 per channel)} for stage I."""
     import torch
@@ -70,23 +82,16 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=32, help="held-out general images / prompts")
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
-
-    from data_tools.synth import render, synth_prompts
+    from data_tools.synth import synth_prompts
     from finetune.cascade import Cascade
 
     scenes = synth_prompts(f"synth:general?n={args.n}&seed=7")
     captions = [scene.caption() for scene in scenes]
-    rng = np.random.default_rng(0)
     print("| cascade | predicts | " + " | ".join(f"t={t}" for t in TIMESTEPS) + " | sampled background drift |")
     print("|---" * (len(TIMESTEPS) + 3) + "|")
     for location in args.cascades:
         cascade = Cascade.from_spec(location)
-        size = cascade.resolution("I")
-        images = torch.stack([torch.from_numpy(np.asarray(render(s, size, rng), np.float32) / 127.5 - 1)
-                              .permute(2, 0, 1) for s in scenes])
-        errors = clean_image_errors(cascade, images, captions)
+        errors = clean_image_errors(cascade, drawn_images(scenes, cascade.resolution("I")), captions)
         drift = background_drift(cascade, captions)
         predicts = cascade.load_scheduler("I").config.prediction_type
         print(f"| {location} | {predicts} | " + " | ".join(f"{errors[t]:.1f}" for t in TIMESTEPS)

@@ -47,11 +47,18 @@ def gaussian_kl(mean1, logvar1, mean2, logvar2):
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def _check(prediction_type: str) -> None:
+    # stage_objective refuses other types with a user-facing message; this guards direct calls
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
 def regression_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0: torch.Tensor,
                       noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet's first half is trained to output: the noise, or the velocity."""
     if prediction_type == "epsilon":
         return noise
+    _check(prediction_type)
     abar = _gather(alphas_cumprod, t, x0.ndim)
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
@@ -62,6 +69,7 @@ def epsilon_from(prediction_type: str, alphas_cumprod: torch.Tensor, prediction:
     eps = sqrt(abar) v + sqrt(1 - abar) x_t for a velocity."""
     if prediction_type == "epsilon":
         return prediction
+    _check(prediction_type)
     abar = _gather(alphas_cumprod, t, x_t.ndim)
     return abar.sqrt() * prediction + (1 - abar).sqrt() * x_t
 

@@ -128,16 +128,12 @@ def test_shipped_stage_i_sets_the_mean_colour_right_at_high_noise():
     import sys
     from pathlib import Path
 
-    import torch
-
-    from data_tools.synth import render, synth_prompts
+    from data_tools.synth import synth_prompts
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from mean_colour_error import clean_image_errors
+    from mean_colour_error import clean_image_errors, drawn_images
 
     scenes = synth_prompts("synth:general?n=8&seed=7")
-    rng = np.random.default_rng(0)
-    images = torch.stack([torch.from_numpy(np.asarray(render(s, 32, rng), np.float32) / 127.5 - 1).permute(2, 0, 1)
-                          for s in scenes])
-    errors = clean_image_errors(Cascade.from_spec("builtin:tiny"), images, [s.caption() for s in scenes])
+    errors = clean_image_errors(Cascade.from_spec("builtin:tiny"), drawn_images(scenes, 32),
+                                [s.caption() for s in scenes])
     assert errors[950] < 12, errors

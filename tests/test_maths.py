@@ -87,6 +87,8 @@ def test_velocity_target_and_its_noise_follow_diffusers_conventions():
     assert torch.allclose(velocity, scheduler.get_velocity(x0, noise, t), atol=1e-6)
     assert torch.allclose(epsilon_from("v_prediction", scheduler.alphas_cumprod, velocity, x_t, t), noise, atol=1e-4)
     assert regression_target("epsilon", scheduler.alphas_cumprod, x0, noise, t) is noise
+    with pytest.raises(ValueError, match="sample"):
+        regression_target("sample", scheduler.alphas_cumprod, x0, noise, t)
     scheduler.set_timesteps(1000)
     for i in range(2):
         out = torch.cat([velocity[i:i + 1], torch.zeros_like(x0[i:i + 1])], dim=1)  # + learned variance
