@@ -68,7 +68,7 @@ def build_step(stage: str, kernel: str, batch: int, rank: int, compile_unet: boo
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
     return step
 

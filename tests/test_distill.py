@@ -134,9 +134,10 @@ def test_a_narrowed_student_starts_close_to_the_shipped_pretrained_teacher():
         error = {init: (build_student(teacher, StudentSpec(init=init, **spec))[0](noisy, steps, text)
                         .sample[:, :3] - target).pow(2).mean().item()
                  for init in ("teacher_narrowed", "teacher", "random")}
-    # measured on the session-5 base: 0.25, 0.97 and 2.1 on 16 such inputs (yet after distillation the default,
-    # copy-only start ended closer to the teacher: docs/distillation.md)
-    assert error["teacher_narrowed"] < 0.5 * error["teacher"] < 0.5 * error["random"]
+    # measured here: 0.016, 0.027 and 1.35 on the session-7 (velocity) base; 0.003, 0.064 and 2.1
+    # on session 6's (noise). Yet after distillation the default, copy-only start ended closer
+    # to the teacher (docs/distillation.md).
+    assert error["teacher_narrowed"] < 0.75 * error["teacher"] and error["teacher"] < 0.1 * error["random"]
 
 
 def test_feature_pairs_keep_matching_sizes_and_project_narrower_students():
