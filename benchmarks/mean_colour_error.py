@@ -40,7 +40,7 @@ def clean_image_errors(cascade, images, captions) -> dict[int, float]:
     """{t: mean-colour error of the predicted clean image (0-255 per channel)} for stage I."""
     import torch
 
-    from finetune.diffusion import epsilon_from, split_prediction
+    from finetune.diffusion import clean_from_epsilon, epsilon_from, split_prediction
     from finetune.text_cache import MAX_LENGTH
 
     unet = cascade.load_unet("I").float().eval()
@@ -56,8 +56,7 @@ def clean_image_errors(cascade, images, captions) -> dict[int, float]:
             x_t = scheduler.add_noise(images, noise, t)
             prediction, _ = split_prediction(unet(x_t, t, encoder_hidden_states=text).sample)
             eps = epsilon_from(scheduler.config.prediction_type, scheduler.alphas_cumprod, prediction, x_t, t)
-            abar = scheduler.alphas_cumprod[step]
-            x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+            x0 = clean_from_epsilon(scheduler.alphas_cumprod, x_t, t, eps)
             errors[step] = float((x0.mean((2, 3)) - images.mean((2, 3))).abs().mean() * 127.5)
     return errors
 

@@ -74,6 +74,13 @@ def epsilon_from(prediction_type: str, alphas_cumprod: torch.Tensor, prediction:
     return abar.sqrt() * prediction + (1 - abar).sqrt() * x_t
 
 
+def clean_from_epsilon(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+    """The clean image x0 a noise estimate implies: (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    abar = _gather(alphas_cumprod, t, x_t.ndim)
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
 def variance_vlb(alphas_cumprod: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                  t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Per-sample L_t (bits/dim) of the learned-range variance, mean fixed by `eps` (detached).
@@ -91,7 +98,7 @@ def variance_vlb(alphas_cumprod: torch.Tensor, x0: torch.Tensor, x_t: torch.Tens
     coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
     coef_xt = (1 - beta_t).sqrt() * (1 - abar_prev) / (1 - abar_t)
     true_mean = coef_x0 * x0 + coef_xt * x_t
-    x0_pred = (x_t - (1 - abar_t).sqrt() * eps.detach()) / abar_t.sqrt()
+    x0_pred = clean_from_epsilon(alphas_cumprod, x_t, t, eps.detach())
     model_mean = coef_x0 * x0_pred + coef_xt * x_t
     frac = (v + 1) / 2
     model_logvar = frac * torch.log(beta_t) + (1 - frac) * post_logvar

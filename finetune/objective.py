@@ -75,22 +75,25 @@ class StageObjective:
         out = unet(model_input, t, encoder_hidden_states=text_embeds, **kwargs).sample
         return self.prediction_loss(out, images, noise, x_t, t)
 
-    def prediction_error(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
-                         t: torch.Tensor) -> torch.Tensor:
-        """Per-sample MSE of the UNet output's first half against its target (noise or velocity)."""
-        prediction, _ = split_prediction(out, channels=images.shape[1])
+    def _error(self, prediction: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
+               t: torch.Tensor) -> torch.Tensor:
         target = regression_target(self.prediction_type, self.scheduler.alphas_cumprod, images.float(),
                                    noise.float(), t)
         return prediction_mse(prediction, target)
+
+    def prediction_error(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
+                         t: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE of the UNet output's first half against its target (noise or velocity)."""
+        return self._error(split_prediction(out, channels=images.shape[1])[0], images, noise, t)
 
     def prediction_loss(self, out: torch.Tensor, images: torch.Tensor, noise: torch.Tensor,
                         x_t: torch.Tensor, t: torch.Tensor):
         """The denoising loss of a UNet output (noise or velocity MSE, plus the learned
         variance's VLB)."""
-        mse = self.prediction_error(out, images, noise, t)
+        prediction, v = split_prediction(out, channels=images.shape[1])
+        mse = self._error(prediction, images, noise, t)
         loss = mse
         metrics = {"loss_pred": mse.mean().detach()}
-        prediction, v = split_prediction(out, channels=images.shape[1])
         if v is not None and self.variance == "vlb":
             eps = epsilon_from(self.prediction_type, self.scheduler.alphas_cumprod, prediction.float(),
                                x_t.float(), t)
