@@ -66,6 +66,18 @@ phases:
     return make
 
 
+def copy_predicting(source: Path, target: Path, prediction_type: str) -> Path:
+    """A copy of a cascade or stage folder whose schedulers say the UNets predict
+    `prediction_type` (every scheduler/scheduler_config.json under it is rewritten)."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    for config in target.rglob("scheduler/scheduler_config.json"):
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), prediction_type=prediction_type)))
+    return target
+
+
 def rewind_unit(run: Path, unit: str, phase: str, last_checkpoint: str) -> None:
     """Make a finished run look as if it died just before `last_checkpoint` was written:
     that checkpoint, the phase's result and the finished marker go; `--resume` redoes them."""

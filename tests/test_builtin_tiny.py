@@ -2,8 +2,6 @@
 images the judge recognises (well above chance) through the stock pipelines."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -107,17 +105,14 @@ def test_export_ships_untrained_stages_only_from_finished_runs(tmp_path):
 
 
 def test_the_card_describes_each_unet_from_its_files(tmp_path):
-    import shutil
-
+    from conftest import copy_predicting
     from finetune.builtin_tiny import unet_summary
 
     shipped = SHIPPED_DIR / "tiny"
     assert unet_summary(shipped / "stage_II") == "UNet of 0.8M parameters, attention at 16px, predicts noise"
     stage_i = unet_summary(shipped / "stage_I")
     assert stage_i.startswith("UNet of 2.2M parameters, attention at ") and "8 and 4px, predicts " in stage_i
-    velocity = shutil.copytree(shipped / "stage_II", tmp_path / "stage_II")
-    config = velocity / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), prediction_type="v_prediction")))
+    velocity = copy_predicting(shipped / "stage_II", tmp_path / "stage_II", "v_prediction")
     assert unet_summary(velocity).endswith("attention at 16px, predicts velocity (v-prediction)")
 
 

@@ -455,23 +455,13 @@ def test_xformers_switch_reaches_every_trained_unet(recipe_factory, monkeypatch)
     assert len(switched) == 4  # general and domain phases, stages I and II
 
 
-def _with_prediction_type(cascade: Path, target: Path, prediction_type: str) -> Path:
-    """A copy of a cascade whose schedulers say the UNets predict `prediction_type`."""
-    import shutil
-
-    shutil.copytree(cascade, target)
-    for stage in ("stage_I", "stage_II"):
-        config = target / stage / "scheduler" / "scheduler_config.json"
-        config.write_text(json.dumps(dict(json.loads(config.read_text()), prediction_type=prediction_type)))
-    return target
-
-
 def test_a_velocity_cascade_is_trained_on_velocity_and_keeps_its_scheduler(recipe_factory, tiny_cascade, tmp_path):
+    from conftest import copy_predicting
     from finetune.cascade import Cascade
     from finetune.objective import stage_objective
     from finetune.recipe.schema import TrainSpec
 
-    velocity_cascade = _with_prediction_type(tiny_cascade, tmp_path / "velocity", "v_prediction")
+    velocity_cascade = copy_predicting(tiny_cascade, tmp_path / "velocity", "v_prediction")
     by_velocity = stage_objective(Cascade.from_spec(str(velocity_cascade)), "I", TrainSpec())
     by_noise = stage_objective(Cascade.from_spec(str(tiny_cascade)), "I", TrainSpec())
     x0 = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -491,7 +481,9 @@ def test_a_velocity_cascade_is_trained_on_velocity_and_keeps_its_scheduler(recip
 
 
 def test_a_prediction_type_the_kit_cannot_train_is_refused(recipe_factory, tiny_cascade, tmp_path, capsys):
-    sample_cascade = _with_prediction_type(tiny_cascade, tmp_path / "sample", "sample")
+    from conftest import copy_predicting
+
+    sample_cascade = copy_predicting(tiny_cascade, tmp_path / "sample", "sample")
     path = recipe_factory(steps=2)
     path.write_text(path.read_text().replace(str(tiny_cascade), str(sample_cascade)))
     assert main(["run", str(path)]) == 2
