@@ -20,6 +20,13 @@ import sys
 
 from .errors import UserError
 from .guards import Stopped
+from .recipe.schema import SampleSpec
+
+# `finetune sample` flag -> eval.sample key
+SAMPLE_KEYS = {"steps": "steps", "steps-II": "steps_II", "guidance": "guidance_scale",
+               "adapter-scale": "adapter_scale", "seed": "seed", "batch-size": "batch_size",
+               "noise-level": "noise_level"}
+SAMPLE_DEFAULTS = SampleSpec().model_dump()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,13 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--prompts", help="prompt file (.txt one per line, .jsonl) or synth:SPLIT?n=..")
     sample.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
     sample.add_argument("--num", type=int, default=1, help="images per prompt")
-    for name, kind, default, text in [("steps", int, 50, "stage I steps"), ("steps-II", int, 25, "stage II steps"),
-                                      ("guidance", float, 4.0, "guidance scale"),
-                                      ("adapter-scale", float, 1.0, "LoRA scale"),
-                                      ("seed", int, 0, "seed (image i uses seed and i)"),
-                                      ("batch-size", int, 8, "prompts per batch"),
-                                      ("noise-level", int, 250, "stage II noise augmentation")]:
-        sample.add_argument(f"--{name}", type=kind, default=default, help=text)
+    # Unset flags fall back to the run's eval.sample (how its report was sampled), then to
+    # SAMPLE_DEFAULTS: a run sampled by hand looks like the grids in its report.
+    for name, kind, text in [("steps", int, "stage I steps"), ("steps-II", int, "stage II steps"),
+                             ("guidance", float, "guidance scale"), ("adapter-scale", float, "LoRA scale"),
+                             ("seed", int, "seed (image i uses seed and i)"),
+                             ("batch-size", int, "prompts per batch"),
+                             ("noise-level", int, "stage II noise augmentation")]:
+        key = SAMPLE_KEYS[name]
+        sample.add_argument(f"--{name}", type=kind, default=None,
+                            help=f"{text} (default: the run's eval.sample.{key}, else {SAMPLE_DEFAULTS[key]})")
     sample.add_argument("--negative", default=None, help="negative prompt")
     evaluate = sub.add_parser("eval", help="evaluate a finished run: base vs adapted on held-out prompts")
     evaluate.add_argument("run")
@@ -69,13 +79,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sample_settings(args, run_sample: dict):
+    """Flags given on the command line, else the run's eval.sample, else SampleSpec's defaults.
+    --guidance sets both stages' scales, as one flag always has."""
+    from pydantic import ValidationError
+
+    from .evaluate import settings_from
+
+    given = {key: getattr(args, flag.replace("-", "_")) for flag, key in SAMPLE_KEYS.items()}
+    if args.guidance is not None:
+        given["guidance_scale_II"] = args.guidance
+    given["negative_prompt"] = args.negative
+    try:
+        values = SampleSpec.model_validate(run_sample).model_dump()
+        values.update({key: value for key, value in given.items() if value is not None})
+        return settings_from(SampleSpec.model_validate(values))
+    except ValidationError as exc:
+        key = exc.errors()[0]["loc"][0]
+        flag = {k: f for f, k in SAMPLE_KEYS.items()}.get(key, key)
+        raise UserError(f"sample --{flag}: {exc.errors()[0]['msg']}") from None
+
+
 def cmd_sample(args) -> int:
+    from dataclasses import asdict
     from pathlib import Path
 
     from .cascade import Cascade
     from .evaluate import load_prompt_set, save_png, student_variant, trained_variant
     from .publish import run_cascade
-    from .sampling import CascadeSampler, CascadeVariant, SampleSettings, image_grid
+    from .sampling import CascadeSampler, CascadeVariant, image_grid
 
     if bool(args.run) == bool(args.cascade):
         raise UserError("sample: give a run directory or --cascade (one of them)")
@@ -93,16 +125,14 @@ def cmd_sample(args) -> int:
         cascade, variant = Cascade.from_spec(args.cascade), CascadeVariant("base")
     prompts = [args.prompt] if args.prompt else [p.text for p in load_prompt_set(args.prompts, "--prompts")]
     prompts = [p for p in prompts for _ in range(args.num)]
-    settings = SampleSettings(steps=args.steps, steps_II=args.steps_II, guidance_scale=args.guidance,
-                              guidance_scale_II=args.guidance, noise_level=args.noise_level,
-                              negative_prompt=args.negative, seed=args.seed,
-                              batch_size=args.batch_size, adapter_scale=args.adapter_scale)
-    images = CascadeSampler(cascade, variant, adapter_scale=args.adapter_scale).generate(prompts, settings)
+    settings = sample_settings(args, (recipe.get("eval") or {}).get("sample") or {} if args.run else {})
+    images = CascadeSampler(cascade, variant, adapter_scale=settings.adapter_scale).generate(prompts, settings)
     out = Path(args.out)
     for i, image in enumerate(images):
         save_png(image, out / f"{i:04d}.png")
     save_png(image_grid(images), out / "grid.png")
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     print(f"{len(images)} images ({variant.name}) in {out}; grid: {out / 'grid.png'}")
     return 0
 

@@ -17,7 +17,7 @@ from finetune.train import run_recipe
 
 FAST = SampleSettings(steps=3, steps_II=2, batch_size=2)
 EVAL = ("eval: {prompt_sets: {domain: 'synth:domain?n=3&seed=7'}, grid: 4, "
-        "sample: {steps: 2, steps_II: 2, batch_size: 3}}")
+        "sample: {steps: 2, steps_II: 2, batch_size: 3, guidance_scale: 2.5}}")
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,26 @@ def test_sample_command_writes_pngs_and_a_grid(adapted_run, tmp_path):
     assert Image.open(out / "0000.png").size == (64, 64)
     assert (out / "0001.png").exists() and (out / "grid.png").exists()
     assert main(["sample", "--prompt", "x", "--out", str(out)]) == 2  # neither run nor cascade
+
+
+def test_sample_command_samples_a_run_as_its_report_did_unless_told(adapted_run, tmp_path, capsys):
+    """Unset flags come from the run's eval.sample (steps 2, guidance 2.5 here), not from
+    generic defaults (50 steps, guidance 4): a hand-drawn sample matches the report's grids."""
+    from finetune.cli import main
+
+    out = tmp_path / "as-report"
+    assert main(["sample", str(adapted_run.run_dir), "--prompt", "a red star at the center", "--out", str(out)]) == 0
+    used = json.loads((out / "settings.json").read_text())
+    assert (used["steps"], used["steps_II"], used["guidance_scale"], used["batch_size"]) == (2, 2, 2.5, 3)
+    out = tmp_path / "told"
+    assert main(["sample", str(adapted_run.run_dir), "--prompt", "x", "--guidance", "1", "--steps-II", "1",
+                 "--out", str(out)]) == 0
+    used = json.loads((out / "settings.json").read_text())
+    assert (used["steps"], used["steps_II"], used["guidance_scale"], used["guidance_scale_II"]) == (2, 1, 1.0, 1.0)
+    capsys.readouterr()
+    assert main(["sample", str(adapted_run.run_dir), "--prompt", "x", "--steps", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sample --steps:" in err and "Traceback" not in err
 
 
 def test_eval_command_adds_prompt_sets_and_rewrites_the_report(adapted_run):
