@@ -195,7 +195,9 @@ is for.
 Honest limits: the base is weak. Stage II, trained for the few steps above, adds pixel noise
 and colour shifts that cost the judge colour and count accuracy at 64px; stage I alone is the
 better-judged output, which is why the quickstart judges stage I (`eval.stages: [I]`).
-docs/quickstart.md says what more pretraining gave.
+docs/quickstart.md says what more pretraining gave. Sample it at low guidance (the quickstart
+uses 1.5): at higher scales it draws extra objects for "two" and "three" prompts, so count
+and overall fall (docs/quickstart.md, session 8, measures guidance 1 to 8).
 
 | sampled through | prompts | colour | shape | count | position | overall |
 |---|---|---|---|---|---|---|

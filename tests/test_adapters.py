@@ -17,6 +17,7 @@ CASES = [
     ("I", ["to_q", "to_v"], 2, 1.0),
     ("II", ALL, 8, 16.0),
     ("II", ["add_k_proj", "add_v_proj"], 4, 2.0),
+    ("I", ALL + ["conv1", "conv2"], 4, 8.0),  # the quickstart's targets: resnet convs too
 ]
 
 

@@ -60,3 +60,16 @@ def test_attention_kernels_compared_compute_the_same_steps():
     for kernel in KERNELS:
         assert losses[kernel] == pytest.approx(losses["sdpa"], rel=1e-4), kernel
     assert losses["sdpa"][0] != losses["sdpa"][1]  # the second step follows an optimizer update
+
+
+def test_guidance_sweep_scores_every_variant_scale_and_prompt_set(tiny_cascade, tmp_path, capsys):
+    from guidance_sweep import main
+
+    out = tmp_path / "rows.json"
+    assert main([str(tiny_cascade), "--guidance", "1,4", "--n", "2", "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["guidance"], r["set"]) for r in rows] == [
+        ("base", 1.0, "domain"), ("base", 1.0, "general"), ("base", 4.0, "domain"), ("base", 4.0, "general")]
+    assert all(0.0 <= r["scores"]["overall"] <= 1.0 and r["scores"]["n"] == 2 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| base | 4 | general |" in printed
