@@ -9,7 +9,6 @@ row per (variant, scale): colour / shape / count / position / overall, per promp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -64,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(format_row(row))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        from finetune import atomic
+
+        atomic.write_json(args.json, rows)
     return 0
 
 

@@ -104,6 +104,7 @@ def cmd_sample(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    from . import atomic
     from .cascade import Cascade
     from .evaluate import load_prompt_set, save_png, student_variant, trained_variant
     from .publish import run_cascade
@@ -131,8 +132,8 @@ def cmd_sample(args) -> int:
     for i, image in enumerate(images):
         save_png(image, out / f"{i:04d}.png")
     save_png(image_grid(images), out / "grid.png")
-    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
-    (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    atomic.write_text(out / "prompts.txt", "".join(p + "\n" for p in prompts))
+    atomic.write_json(out / "settings.json", asdict(settings))
     print(f"{len(images)} images ({variant.name}) in {out}; grid: {out / 'grid.png'}")
     return 0
 
