@@ -122,11 +122,13 @@ def cmd_sample(args) -> int:
             variant = student_variant(run, variant)
             if variant is None:
                 raise UserError(f"sample --student: {run} has no students/ (add a distill block to the recipe)")
+        run_sample = (recipe.get("eval") or {}).get("sample") or {}
     else:
         cascade, variant = Cascade.from_spec(args.cascade), CascadeVariant("base")
+        run_sample = {}
     prompts = [args.prompt] if args.prompt else [p.text for p in load_prompt_set(args.prompts, "--prompts")]
     prompts = [p for p in prompts for _ in range(args.num)]
-    settings = sample_settings(args, (recipe.get("eval") or {}).get("sample") or {} if args.run else {})
+    settings = sample_settings(args, run_sample)
     images = CascadeSampler(cascade, variant, adapter_scale=settings.adapter_scale).generate(prompts, settings)
     out = Path(args.out)
     for i, image in enumerate(images):
