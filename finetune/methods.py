@@ -35,7 +35,7 @@ class LoraMethod:
 
     def prepare(self, unet, stage: str) -> None:
         spec = self.spec
-        attach_lora(unet, spec.rank, spec.alpha, spec.dropout, spec.target_modules)
+        attach_lora(unet, spec.rank_for(stage), spec.alpha_for(stage), spec.dropout, spec.target_modules)
         check_frozen_fraction(count_parameters(unet), spec.min_frozen_fraction, stage)
         if self.frozen_dtype is not None:
             # Under mixed precision the frozen base is stored in the half dtype, as diffusers'

@@ -12,7 +12,7 @@ def stage_parameter_counts(cascade: Cascade, stage: str, recipe):
     unet = cascade.load_unet(stage)
     if recipe.method == "lora":
         lora = recipe.lora
-        attach_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        attach_lora(unet, lora.rank_for(stage), lora.alpha_for(stage), lora.dropout, lora.target_modules)
     return count_parameters(unet)
 
 
@@ -46,7 +46,7 @@ def make_plan(loaded) -> str:
         lines.append(f"{stage:<6}{cascade.resolution(stage):>5}{counts.total:>14,}{counts.trainable:>12,}"
                      f"{counts.frozen:>14,}{counts.frozen_fraction:>10.2%}")
     if recipe.method == "lora":
-        lines.append(f"lora rank {recipe.lora.rank}, alpha {recipe.lora.alpha}, minimum frozen "
+        lines.append(f"lora {recipe.lora.describe(recipe.cascade.stages)}, minimum frozen "
                      f"{recipe.lora.min_frozen_fraction:.0%}")
     else:
         lines.append("method full: every UNet weight trains")

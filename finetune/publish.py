@@ -25,6 +25,7 @@ import yaml
 from . import adapters, atomic
 from .cascade import BUILTIN_PREFIX, Cascade
 from .errors import UserError
+from .recipe.schema import LoraSpec
 
 
 def _finished_run(run: Path) -> dict:
@@ -183,12 +184,11 @@ def model_card(run: Path, recipe: dict, cascade: Cascade, stages: list[str], rep
     licence = base_license(cascade)
     if licence:
         front["license"] = licence
-    lora = recipe.get("lora", {})
+    lora = LoraSpec.model_validate(recipe.get("lora", {}))
     body = [
         f"# {recipe['name']}: LoRA adapters for an IF-layout cascade",
         "",
-        f"LoRA adapters for stage(s) {', '.join(stages)} (rank {lora.get('rank')}, alpha "
-        f"{lora.get('alpha')}), trained by the cascade adaptation kit in "
+        f"LoRA adapters for stage(s) {', '.join(stages)} ({lora.describe(stages)}), trained by the cascade adaptation kit in "
         f"{len(recipe['phases'])} phase(s): " + ", ".join(p["name"] for p in recipe["phases"]) + ".",
         "",
         "## Recommended settings",

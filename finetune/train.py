@@ -542,7 +542,7 @@ class Trainer:
         from .rundir import library_versions
 
         recipe = self.recipe
-        return {"stage": stage, "phase": phase, "method": recipe.method, "rank": recipe.lora.rank, "alpha": recipe.lora.alpha,
+        return {"stage": stage, "phase": phase, "method": recipe.method, "rank": recipe.lora.rank_for(stage), "alpha": recipe.lora.alpha_for(stage),
                 "target_modules": recipe.lora.target_modules, "recipe": recipe.name,
                 "recipe_hash": self.loaded.hash, "base_cascade": recipe.cascade.model_dump(),
                 "data": data.source, "data_fingerprint": data.fingerprint,

@@ -26,7 +26,7 @@ name: shapes
 output_dir: {root / 'run'}
 cache_dir: {cache_dir}
 cascade: {{path: {tiny_cascade}, stages: [I, II]}}
-lora: {{rank: 4, alpha: 8}}
+lora: {{rank: {{I: 4, II: 2}}, alpha: {{I: 8, II: 4}}}}
 optim: {{batch_size: 4, lr: {{start: 1.0e-2, end: 1.0e-3}}}}
 train: {{device: cpu}}
 phases:
@@ -53,9 +53,12 @@ def test_publish_writes_adapters_card_recipe_and_samples(finished_run, tmp_path)
     for image in re.findall(r"!\[.*?\]\((.*?)\)", card):
         assert (out / image).exists()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["name"] == "shapes"
-    for stage in ("I", "II"):
+    # per-stage LoRA settings reach each stage's adapter, its provenance and the card
+    assert "(stage I rank 4, alpha 8; stage II rank 2, alpha 4)" in card
+    for stage, rank, alpha in (("I", 4, 8.0), ("II", 2, 4.0)):
         _, config, provenance = read_adapter(out / f"stage_{stage}")
-        assert config["r"] == 4
+        assert config["r"] == rank and config["lora_alpha"] == alpha
+        assert (provenance["rank"], provenance["alpha"]) == (rank, alpha)
         for key in ("recipe_hash", "data_fingerprint", "kit_version", "base_cascade", "rank", "alpha"):
             assert provenance.get(key) not in (None, ""), key
 

@@ -163,6 +163,18 @@ def test_per_stage_steps_must_name_the_recipe_stages(recipe_factory, capsys):
     assert "give steps for every stage" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank={I: 4}", "lora.rank: give a rank for every adapted stage (missing II)"),
+    ("lora.alpha={I: 4, II: 4, III: 2}", "lora.alpha.III: stage III is not in cascade.stages"),
+    ("lora.rank={I: 4, II: 0}", "lora.rank: Value error, expected a whole number of at least 1"),
+    ("lora.alpha={I: 4, II: -1}", "lora.alpha: Value error, expected a number above 0"),
+])
+def test_per_stage_lora_settings_must_name_the_recipe_stages(recipe_factory, capsys, override, message):
+    path = recipe_factory(stages="[I, II]")
+    assert main(["validate", str(path), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_full_method_trains_every_weight_resumes_and_writes_a_pipeline_folder(recipe_factory):
     from diffusers import IFPipeline
 

@@ -13,23 +13,41 @@ StageName = Literal["I", "II", "III"]
 IF_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 
 
-def _per_stage_count(value):
-    """A positive integer, or {stage: positive integer}; one clear error either way."""
-    def positive(v) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"expected a whole number of at least 1, or one per stage like {{I: 3000, II: 1000}} (got {v!r})")
-        return v
+def _per_stage(kind: str, example: str, convert):
+    """A validator for one value for every stage, or {stage: value}; one clear error either way.
+    `convert` returns the value or None when it is not a valid `kind`."""
+    def validate(value):
+        def one(v):
+            converted = None if isinstance(v, bool) else convert(v)
+            if converted is None:
+                raise ValueError(f"expected {kind}, or one per stage like {example} (got {v!r})")
+            return converted
 
-    if isinstance(value, dict):
-        for stage, count in value.items():
-            if stage not in ("I", "II", "III"):
-                raise ValueError(f"unknown stage {stage!r} (I, II or III)")
-            positive(count)
-        return dict(value)
-    return positive(value)
+        if isinstance(value, dict):
+            for stage in value:
+                if stage not in ("I", "II", "III"):
+                    raise ValueError(f"unknown stage {stage!r} (I, II or III)")
+            return {stage: one(v) for stage, v in value.items()}
+        return one(value)
+    return BeforeValidator(validate)
 
 
-PerStageCount = Annotated[Any, BeforeValidator(_per_stage_count)]
+def _whole_at_least_1(v):
+    return v if isinstance(v, int) and v >= 1 else None
+
+
+def _number_above_0(v):
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+PerStageCount = Annotated[Any, _per_stage("a whole number of at least 1", "{I: 3000, II: 1000}", _whole_at_least_1)]
+PerStageRank = Annotated[Any, _per_stage("a whole number of at least 1", "{I: 8, II: 4}", _whole_at_least_1)]
+PerStageNumber = Annotated[Any, _per_stage("a number above 0", "{I: 16, II: 8}", _number_above_0)]
+
+
+def per_stage(value, stage: str):
+    """The value for `stage` of a one-for-all or {stage: value} field (None when not listed)."""
+    return value.get(stage) if isinstance(value, dict) else value
 
 
 class Strict(BaseModel):
@@ -48,13 +66,29 @@ class CascadeSpec(Strict):
 
 
 class LoraSpec(Strict):
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r; higher = more capacity, more memory.")
-    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    rank: PerStageRank = Field(8, description=(
+        "LoRA rank r; higher = more capacity, more memory. One number, or per stage {I: 8, II: 4}."))
+    alpha: PerStageNumber = Field(8.0, description=(
+        "LoRA alpha; the update is scaled by alpha / rank. One number, or per stage {I: 16, II: 8}."))
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(default_factory=lambda: list(IF_LORA_TARGETS), min_length=1,
                                       description="Module name suffixes to adapt (IF attention by default).")
     min_frozen_fraction: float = Field(0.9, gt=0.0, le=1.0, description=(
         "Refuse to run if less than this fraction of the stage's parameters is frozen."))
+
+    def rank_for(self, stage: str) -> int:
+        return per_stage(self.rank, stage)
+
+    def alpha_for(self, stage: str) -> float:
+        return per_stage(self.alpha, stage)
+
+    def describe(self, stages: list[str]) -> str:
+        """'rank 5, alpha 10' or 'stage I rank 8, alpha 16; stage II rank 5, alpha 10'."""
+        def one(stage):
+            return f"rank {self.rank_for(stage)}, alpha {self.alpha_for(stage):g}"
+        if not isinstance(self.rank, dict) and not isinstance(self.alpha, dict):
+            return one(stages[0])
+        return "; ".join(f"stage {s} {one(s)}" for s in stages)
 
 
 class LRSpec(Strict):
@@ -372,6 +406,17 @@ class Recipe(Strict):
                     for stage in per_stage:
                         if stage not in stages:
                             problems.append((("phases", i, field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+        if self.method == "lora":
+            for field in ("rank", "alpha"):
+                per = getattr(self.lora, field)
+                if not isinstance(per, dict):
+                    continue
+                missing = [s for s in stages if s not in per]
+                if missing:
+                    problems.append((("lora", field), f"give a {field} for every adapted stage (missing {', '.join(missing)}), or one number for all"))
+                for stage in per:
+                    if stage not in stages:
+                        problems.append((("lora", field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
         for i, phase in enumerate(self.phases):
             if phase.replay is not None:
                 problems += [(("phases", i, "replay") + loc, message)
