@@ -63,6 +63,21 @@ def regression_target(prediction_type: str, alphas_cumprod: torch.Tensor, x0: to
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
 
+def min_snr_weight(prediction_type: str, alphas_cumprod: torch.Tensor, t: torch.Tensor,
+                   gamma: float) -> torch.Tensor:
+    """Per-sample Min-SNR-gamma loss weight (Hang et al. 2023, diffusers' `--snr_gamma`).
+
+    Every timestep's loss becomes the clean image's squared error weighted min(SNR, gamma):
+    low-noise steps, whose SNR is large, stop dominating the gradient, and training spends
+    its updates on the noisier steps where the layout and the shapes are decided. An epsilon
+    loss is SNR times x0's error, a velocity loss SNR + 1 times it, hence the two divisors."""
+    _check(prediction_type)
+    abar = alphas_cumprod.to(t.device)[t].float()
+    snr = abar / (1.0 - abar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0)
+
+
 def epsilon_from(prediction_type: str, alphas_cumprod: torch.Tensor, prediction: torch.Tensor,
                  x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The noise a prediction implies (the variance bound is written in epsilon):

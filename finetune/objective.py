@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import (PREDICTION_TYPES, degrade_for_super_resolution, epsilon_from, prediction_mse,
-                        regression_target, split_prediction, variance_vlb)
+from .diffusion import (PREDICTION_TYPES, degrade_for_super_resolution, epsilon_from, min_snr_weight,
+                        prediction_mse, regression_target, split_prediction, variance_vlb)
 from .errors import UserError
 
 
@@ -27,6 +27,7 @@ class StageObjective:
     noise_aug_max: int = 999
     variance: str = "vlb"                   # "vlb" trains the learned variance; "ignore" does not
     vlb_weight: float = 1.0
+    snr_gamma: float | None = None          # Min-SNR-gamma weighting of the prediction loss
 
     @property
     def prediction_type(self) -> str:
@@ -93,7 +94,9 @@ class StageObjective:
         prediction, v = split_prediction(out, channels=images.shape[1])
         mse = self._error(prediction, images, noise, t)
         loss = mse
-        metrics = {"loss_pred": mse.mean().detach()}
+        if self.snr_gamma is not None:
+            loss = mse * min_snr_weight(self.prediction_type, self.scheduler.alphas_cumprod, t, self.snr_gamma)
+        metrics = {"loss_pred": mse.mean().detach()}  # unweighted, comparable across settings
         if v is not None and self.variance == "vlb":
             eps = epsilon_from(self.prediction_type, self.scheduler.alphas_cumprod, prediction.float(),
                                x_t.float(), t)
@@ -119,8 +122,8 @@ def stage_objective(cascade, stage: str, train, vlb_weight: float | None = None)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise UserError(f"cascade stage {stage}: scheduler/scheduler_config.json has prediction_type"
                         f" '{scheduler.config.prediction_type}'; the kit trains {' or '.join(PREDICTION_TYPES)}")
+    common = dict(variance=train.variance, vlb_weight=vlb_weight, snr_gamma=train.snr_gamma)
     if not cascade.is_super_resolution(stage):
-        return StageObjective(scheduler, variance=train.variance, vlb_weight=vlb_weight)
+        return StageObjective(scheduler, **common)
     return StageObjective(scheduler, cascade.load_image_noising_scheduler(stage), low_resolution(cascade, stage, train),
-                          train.stage_II.noise_aug_min, train.stage_II.noise_aug_max,
-                          train.variance, vlb_weight)
+                          train.stage_II.noise_aug_min, train.stage_II.noise_aug_max, **common)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from finetune.diffusion import (degrade_for_super_resolution, epsilon_from, gaussian_kl, regression_target,
-                                variance_vlb)
+from finetune.diffusion import (degrade_for_super_resolution, epsilon_from, gaussian_kl, min_snr_weight,
+                                prediction_mse, regression_target, variance_vlb)
 from finetune.schedule import step_decay_lr
 
 
@@ -94,3 +94,31 @@ def test_velocity_target_and_its_noise_follow_diffusers_conventions():
         out = torch.cat([velocity[i:i + 1], torch.zeros_like(x0[i:i + 1])], dim=1)  # + learned variance
         step = scheduler.step(out, int(t[i]), x_t[i:i + 1], generator=torch.Generator().manual_seed(0))
         assert torch.allclose(step.pred_original_sample, x0[i:i + 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighted_loss_is_the_clean_image_error_weighted_min_snr_gamma(prediction_type):
+    """Hang et al. 2023: whatever the UNet predicts, the weighted loss is min(SNR, gamma) times
+    the squared error of the clean image the prediction implies."""
+    from finetune.cascade import if_scheduler
+
+    scheduler = if_scheduler(prediction_type)
+    abar_all = scheduler.alphas_cumprod
+    x0 = torch.rand(4, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([5, 200, 600, 990])  # SNR from far above gamma to far below it
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = regression_target(prediction_type, abar_all, x0, noise, t)
+    prediction = target + 0.1 * torch.randn_like(target)
+    gamma = 5.0
+    weighted = prediction_mse(prediction, target) * min_snr_weight(prediction_type, abar_all, t, gamma)
+
+    abar = abar_all[t].view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        x0_hat = (x_t - (1 - abar).sqrt() * prediction) / abar.sqrt()
+    else:
+        x0_hat = abar.sqrt() * x_t - (1 - abar).sqrt() * prediction
+    snr = (abar / (1 - abar)).view(-1)
+    expected = snr.clamp(max=gamma) * ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    assert (snr[0] > gamma) and (snr[-1] < 1)
+    assert torch.allclose(weighted, expected, rtol=1e-3)

@@ -284,6 +284,21 @@ def test_phase_loss_override_changes_training(recipe_factory):
     assert _same(load_file(str(plain / general)), load_file(str(dropped / general)))
 
 
+def test_min_snr_weighting_reaches_the_training_loss(recipe_factory):
+    """train.snr_gamma weights the loss that is trained; the logged loss_pred stays the plain
+    MSE, so the first step (same weights, same draws) logs the same loss_pred either way."""
+    def first_step(out, train=""):
+        run = run_recipe(load_recipe(recipe_factory(steps=1, out=out, name=out + ".yaml", train=train))).run_dir
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+    # gamma far below the usual 5 so that every drawn timestep is re-weighted (an epsilon
+    # loss is only changed where SNR > gamma)
+    plain, weighted = first_step("plain"), first_step("snr", ", snr_gamma: 0.01")
+    assert weighted["loss_pred"] == pytest.approx(plain["loss_pred"], rel=1e-6)
+    assert plain["loss"] == pytest.approx(plain["loss_pred"] + plain["loss_vlb"], rel=1e-5)
+    assert abs(weighted["loss"] - (weighted["loss_pred"] + weighted["loss_vlb"])) > 1e-3 * plain["loss"]
+
+
 def test_train_compile_wraps_the_trained_unet_and_exports_the_plain_one(recipe_factory, monkeypatch):
     """Real inductor compilation takes minutes on this CPU (measured in docs/performance.md):
     the test compiles with dynamo's eager backend, which wraps the UNet the same way."""

@@ -190,6 +190,9 @@ class TrainSpec(Strict):
     variance: Literal["vlb", "ignore"] = Field("vlb", description=(
         "vlb trains IF's learned variance (Improved-DDPM hybrid loss) so the stock scheduler samples correctly."))
     vlb_weight: float = Field(1.0, ge=0.0)
+    snr_gamma: float | None = Field(None, gt=0.0, description=(
+        "Min-SNR-gamma weighting of the denoising loss (Hang et al. 2023; diffusers' --snr_gamma,"
+        " 5.0 is the usual value): caps the weight of low-noise timesteps. Unset: plain MSE."))
     stage_II: StageIISpec = Field(default_factory=StageIISpec)
     ema: EMASpec = Field(default_factory=EMASpec)
     on_nonfinite: Literal["skip", "stop"] = Field("skip", description=(
