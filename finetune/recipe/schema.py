@@ -45,7 +45,7 @@ PerStageRank = Annotated[Any, _per_stage("a whole number of at least 1", "{I: 8,
 PerStageNumber = Annotated[Any, _per_stage("a number above 0", "{I: 16, II: 8}", _number_above_0)]
 
 
-def per_stage(value, stage: str):
+def value_for_stage(value, stage: str):
     """The value for `stage` of a one-for-all or {stage: value} field (None when not listed)."""
     return value.get(stage) if isinstance(value, dict) else value
 
@@ -77,10 +77,10 @@ class LoraSpec(Strict):
         "Refuse to run if less than this fraction of the stage's parameters is frozen."))
 
     def rank_for(self, stage: str) -> int:
-        return per_stage(self.rank, stage)
+        return value_for_stage(self.rank, stage)
 
     def alpha_for(self, stage: str) -> float:
-        return per_stage(self.alpha, stage)
+        return value_for_stage(self.alpha, stage)
 
     def describe(self, stages: list[str]) -> str:
         """'rank 5, alpha 10' or 'stage I rank 8, alpha 16; stage II rank 5, alpha 10'."""
