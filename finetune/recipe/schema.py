@@ -50,6 +50,17 @@ def value_for_stage(value, stage: str):
     return value.get(stage) if isinstance(value, dict) else value
 
 
+def per_stage_problems(loc: tuple, value, stages: list[str], if_missing: str | None = None) -> list[tuple[tuple, str]]:
+    """(key path, message) for each stage a {stage: value} field names outside `stages`, and,
+    given `if_missing` (a message with {missing}), for the stages of `stages` it leaves out."""
+    if not isinstance(value, dict):
+        return []
+    missing = [stage for stage in stages if stage not in value]
+    problems = [(loc, if_missing.format(missing=", ".join(missing)))] if if_missing and missing else []
+    return problems + [(loc + (stage,), f"stage {stage} is not in cascade.stages ({', '.join(stages)})")
+                       for stage in value if stage not in stages]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -192,7 +203,8 @@ class TrainSpec(Strict):
     vlb_weight: float = Field(1.0, ge=0.0)
     snr_gamma: float | None = Field(None, gt=0.0, description=(
         "Min-SNR-gamma weighting of the denoising loss (Hang et al. 2023; diffusers' --snr_gamma,"
-        " 5.0 is the usual value): caps the weight of low-noise timesteps. Unset: plain MSE."))
+        " 5.0 is the usual value): caps the weight of low-noise timesteps. Validation losses are"
+        " weighted the same way; the logged loss_pred is not. Unset: plain MSE."))
     stage_II: StageIISpec = Field(default_factory=StageIISpec)
     ema: EMASpec = Field(default_factory=EMASpec)
     on_nonfinite: Literal["skip", "stop"] = Field("skip", description=(
@@ -400,26 +412,13 @@ class Recipe(Strict):
                 if batch % self.optim.grad_accum:
                     problems.append((("phases", i, "batch_size") if phase.batch_size else ("optim", "batch_size"),
                                      f"batch size {batch} is not divisible by optim.grad_accum ({self.optim.grad_accum})"))
-            for field in ("steps", "batch_size"):
-                per_stage = getattr(phase, field)
-                if isinstance(per_stage, dict):
-                    missing = [s for s in stages if s not in per_stage]
-                    if field == "steps" and missing:
-                        problems.append((("phases", i, field), f"give steps for every stage in cascade.stages (missing {', '.join(missing)})"))
-                    for stage in per_stage:
-                        if stage not in stages:
-                            problems.append((("phases", i, field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+            problems += per_stage_problems(("phases", i, "steps"), phase.steps, stages,
+                                           "give steps for every stage in cascade.stages (missing {missing})")
+            problems += per_stage_problems(("phases", i, "batch_size"), phase.batch_size, stages)
         if self.method == "lora":
             for field in ("rank", "alpha"):
-                per = getattr(self.lora, field)
-                if not isinstance(per, dict):
-                    continue
-                missing = [s for s in stages if s not in per]
-                if missing:
-                    problems.append((("lora", field), f"give a {field} for every adapted stage (missing {', '.join(missing)}), or one number for all"))
-                for stage in per:
-                    if stage not in stages:
-                        problems.append((("lora", field, stage), f"stage {stage} is not in cascade.stages ({', '.join(stages)})"))
+                problems += per_stage_problems(("lora", field), getattr(self.lora, field), stages,
+                                               f"give a {field} for every adapted stage (missing {{missing}}), or one number for all")
         for i, phase in enumerate(self.phases):
             if phase.replay is not None:
                 problems += [(("phases", i, "replay") + loc, message)
