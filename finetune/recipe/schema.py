@@ -173,12 +173,10 @@ class PhaseSpec(Strict):
         "Mix earlier phases' data into this phase's: {fraction: 0.25} or {fraction: 0.25, phases: [general]}."))
 
     def steps_for(self, stage: str) -> int:
-        return self.steps if isinstance(self.steps, int) else self.steps.get(stage, 0)
+        return value_for_stage(self.steps, stage) or 0
 
     def batch_for(self, stage: str, default: int) -> int:
-        if isinstance(self.batch_size, dict):
-            return self.batch_size.get(stage, default)
-        return self.batch_size or default
+        return value_for_stage(self.batch_size, stage) or default
 
 
 class StageIISpec(Strict):
