@@ -2,7 +2,7 @@
 
     finetune-data inspect PATH [--json]            what a run would train on, and what it would skip
     finetune-data synth OUT --split general -n 256 write a synthetic benchmark split
-                      [--style S] [--background B]
+                      [--style S] [--background B] [--plural P]
     finetune-data judge FOLDER [--json]            judge accuracy of images against their truth
 """
 from __future__ import annotations
@@ -67,11 +67,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def cmd_synth(args) -> int:
     from .synth import write_prompt_set, write_split
 
-    out = write_split(args.out, args.split, args.n, args.size, args.seed, args.style, args.background)
+    out = write_split(args.out, args.split, args.n, args.size, args.seed, args.style, args.background,
+                      args.plural)
     print(f"wrote {args.n} images of split '{args.split}' to {out}")
     if args.heldout:
         target = write_prompt_set(args.heldout, args.split, args.heldout_n, args.seed,
-                                  args.style, args.background)
+                                  args.style, args.background, args.plural)
         print(f"wrote {args.heldout_n} held-out prompts with ground truth to {target} "
               f"(eval.prompt_sets: {{{args.split}: {target}}})")
     return 0
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--style", default=None, help="flat or outline (default: the split's own)")
     syn.add_argument("--background", default=None,
                      help="plain, white, black or gradient (default: the split's own)")
+    syn.add_argument("--plural", type=float, default=None,
+                     help="share of images with two or three objects (default 0.4)")
     syn.add_argument("--heldout", metavar="FILE.jsonl", help="also write held-out prompts with their ground truth")
     syn.add_argument("--heldout-n", type=int, default=64)
     jud = sub.add_parser("judge", help="score images against their ground truth (metadata.jsonl)")

@@ -13,8 +13,10 @@ Splits differ in controlled ways:
 - `night`: the general content on a new background ("... on a black background").
 Any split can also be drawn in another style or on another background (`style=`,
 `background=`); captions name both whenever they differ from flat on plain, so the words
-always say what the picture shows. `synth:SPLIT?n=256&size=64&seed=0&style=..&background=..`
-in a recipe's `data.path` materialises a split in the cache on first use.
+always say what the picture shows. `plural=` sets the share of images with two or three
+objects (0.4 by default), for data that teaches counting more often.
+`synth:SPLIT?n=256&size=64&seed=0&style=..&background=..&plural=..` in a recipe's `data.path`
+materialises a split in the cache on first use.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ BACKGROUNDS = {"plain": (BACKGROUND, BACKGROUND), "white": ((255, 255, 255),) * 
                "black": ((20, 20, 20),) * 2, "gradient": ((245, 245, 245), (210, 222, 240))}
 STYLES = ("flat", "outline")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+PLURAL = 0.4  # share of scenes with two or three objects unless `plural=` says otherwise
 ROWS = ["top", "middle", "bottom"]
 COLS = ["left", "center", "right"]
 
@@ -153,10 +156,10 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 
 
 def random_scene(rng: np.random.Generator, shapes: list[str], colours: list[str],
-                 single_fraction: float = 0.6, style: str = "flat", background: str = "plain") -> Scene:
+                 plural: float = PLURAL, style: str = "flat", background: str = "plain") -> Scene:
     shape = shapes[rng.integers(len(shapes))]
     colour = colours[rng.integers(len(colours))]
-    if rng.random() < single_fraction:
+    if rng.random() < 1.0 - plural:  # (not `>= plural`: every split path keeps its old images)
         return Scene(shape, colour, 1, position_name(int(rng.integers(3)), int(rng.integers(3))),
                      style, background)
     return Scene(shape, colour, int(rng.integers(2, 4)), None, style, background)
@@ -176,27 +179,38 @@ def _look(split: str, style: str | None, background: str | None, where: str = "s
     return spec, style, background
 
 
-def _scene_maker(split: str, style: str | None, background: str | None):
+def _plural_share(plural: float | None, where: str = "synth") -> float:
+    if plural is None:
+        return PLURAL
+    if not 0.0 <= plural <= 1.0:
+        raise UserError(f"{where}: synth parameter plural must be between 0 and 1 (the share of "
+                        f"images with two or three objects), got {plural}")
+    return plural
+
+
+def _scene_maker(split: str, style: str | None, background: str | None, plural: float | None = None):
     """scene(rng) for a split: validated now, drawn later (write_split interleaves scene
     and rendering draws on one random stream, so scenes cannot be drawn ahead)."""
     spec, style, background = _look(split, style, background)
-    return lambda rng: random_scene(rng, spec["shapes"], spec["colours"], style=style, background=background)
+    share = _plural_share(plural)
+    return lambda rng: random_scene(rng, spec["shapes"], spec["colours"], share, style, background)
 
 
 def prompt_set(split: str, n: int, seed: int = 0, style: str | None = None,
-               background: str | None = None) -> list[Scene]:
+               background: str | None = None, plural: float | None = None) -> list[Scene]:
     """Held-out prompts of a split with their ground truth (no images): what a generated
     image is judged against. Drawn from their own random stream, so a prompt set with the
     same seed as a training split does not repeat its scenes in order."""
-    make = _scene_maker(split, style, background)
+    make = _scene_maker(split, style, background, plural)
     rng = np.random.default_rng([seed, SPLITS[split]["stream"], 1])
     return [make(rng) for _ in range(n)]
 
 
 def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: int = 0,
-                style: str | None = None, background: str | None = None) -> Path:
+                style: str | None = None, background: str | None = None,
+                plural: float | None = None) -> Path:
     """Write `n` images of a split as an imagefolder (metadata.jsonl with ground truth)."""
-    make = _scene_maker(split, style, background)
+    make = _scene_maker(split, style, background, plural)
     rng = np.random.default_rng([seed, SPLITS[split]["stream"]])
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -211,14 +225,15 @@ def write_split(out_dir: str | Path, split: str, n: int, size: int = 64, seed: i
 
 
 def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0,
-                     style: str | None = None, background: str | None = None) -> Path:
+                     style: str | None = None, background: str | None = None,
+                     plural: float | None = None) -> Path:
     """Held-out prompts of a split with their ground truth, one JSON object per line
     ({"prompt", "truth"}: what `eval.prompt_sets` and the judge read)."""
     from finetune.atomic import atomic_path
 
     target = Path(target)
     rows = [{"prompt": s.caption(), "truth": asdict(s)}
-            for s in prompt_set(split, n, seed, style, background)]
+            for s in prompt_set(split, n, seed, style, background, plural)]
     with atomic_path(target) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return target
@@ -226,32 +241,39 @@ def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0,
 
 INT_PARAMS = ("n", "size", "seed")
 LOOK_PARAMS = ("style", "background")
+SHARE_PARAMS = ("plural",)
 
 
 def parse_synth_path(path: str) -> tuple[str, dict]:
-    """`synth:SPLIT?n=..&size=..&seed=..&style=..&background=..` -> (split, params). Style and
-    background appear in params only when given (a split's own look otherwise)."""
+    """`synth:SPLIT?n=..&size=..&seed=..&style=..&background=..&plural=..` -> (split, params).
+    Style, background and plural appear in params only when given (the split's own
+    otherwise), so the cache key of a path without them never changes."""
     body = path[len("synth:"):]
     split, _, query = body.partition("?")
     params: dict = {"n": 256, "size": 64, "seed": 0}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key in LOOK_PARAMS:
             params[key] = value
-        elif key in INT_PARAMS:
+        elif key in INT_PARAMS + SHARE_PARAMS:
+            kind = int if key in INT_PARAMS else float
             try:
-                params[key] = int(value)
+                params[key] = kind(value)
             except ValueError:
-                raise UserError(f"{path}: synth parameter {key} must be an integer") from None
+                raise UserError(f"{path}: synth parameter {key} must be "
+                                f"{'an integer' if kind is int else 'a number'}") from None
         else:
-            raise UserError(f"{path}: unknown synth parameter '{key}' ({', '.join(INT_PARAMS + LOOK_PARAMS)})")
+            known = ", ".join(INT_PARAMS + LOOK_PARAMS + SHARE_PARAMS)
+            raise UserError(f"{path}: unknown synth parameter '{key}' ({known})")
     _look(split, params.get("style"), params.get("background"), path)  # names checked here, with the path
+    _plural_share(params.get("plural"), path)
     return split, params
 
 
 def synth_prompts(path: str) -> list[Scene]:
     """The held-out prompts a `synth:` prompt-set path names."""
     split, params = parse_synth_path(path)
-    return prompt_set(split, params["n"], params["seed"], params.get("style"), params.get("background"))
+    return prompt_set(split, params["n"], params["seed"], params.get("style"), params.get("background"),
+                      params.get("plural"))
 
 
 def materialize(path: str, cache_dir: Path) -> Path:

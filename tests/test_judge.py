@@ -3,6 +3,7 @@
 shuffled prompts."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict
 
@@ -164,3 +165,26 @@ def test_synth_command_draws_a_style_domain_the_judge_confirms(tmp_path, capsys)
     capsys.readouterr()
     assert main(["judge", str(tmp_path / "o"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["overall"] > 0.95
+
+
+def test_plural_sets_the_share_of_counted_scenes_and_leaves_existing_paths_alone(tmp_path):
+    from data_tools.synth import parse_synth_path, prompt_set, synth_prompts, write_split
+    from finetune.errors import UserError
+
+    # the images of a path without plural= are the ones every earlier run trained on
+    assert [s.caption() for s in prompt_set("general", 6, seed=4)] == [
+        "a green triangle at the center", "three red squares", "a green square at the bottom left",
+        "two green triangles", "three red circles", "a red circle at the middle right"]
+    assert prompt_set("general", 40, seed=4, plural=0.4) == prompt_set("general", 40, seed=4)
+    share = lambda scenes: sum(s.count > 1 for s in scenes) / len(scenes)
+    assert share(synth_prompts("synth:general?n=2000&seed=3&plural=0.7")) == pytest.approx(0.7, abs=0.03)
+    assert share(prompt_set("domain", 50, plural=1.0)) == 1.0
+    assert share(prompt_set("domain", 50, plural=0.0)) == 0.0
+    folder = write_split(tmp_path / "p", "general", n=12, size=32, seed=1, plural=1.0)
+    assert all(row["truth"]["count"] > 1 for row in
+               map(json.loads, (folder / "metadata.jsonl").read_text().splitlines()))
+    assert "plural" not in parse_synth_path("synth:general?n=8")[1]  # so its cache key is unchanged
+    with pytest.raises(UserError, match=r"synth:general\?plural=1.5: .*plural must be between 0 and 1"):
+        parse_synth_path("synth:general?plural=1.5")
+    with pytest.raises(UserError, match="plural must be a number"):
+        parse_synth_path("synth:general?plural=many")
