@@ -1,8 +1,9 @@
 """Ship a pretrained tiny cascade as `builtin:tiny`: fp16 copy, evaluation, model card.
 
     finetune run recipes/pretrain-tiny.yaml                 # full-parameter pretraining, both stages
-    finetune run recipes/pretrain-tiny-vpred.yaml           # the shipped stage I (takes stage II from above)
-    python -m finetune.builtin_tiny export runs/pretrain-tiny-vpred [--to finetune/builtin/tiny]
+    finetune run recipes/pretrain-tiny-vpred.yaml           # stage I from random weights (takes stage II from above)
+    finetune run recipes/pretrain-tiny-count.yaml           # the shipped stage I: continues the one above
+    python -m finetune.builtin_tiny export runs/pretrain-tiny-count [--to finetune/builtin/tiny]
 
 A run whose `cascade.path` is another finished run's `cascade/` continues that run, and a run
 may take a stage it does not train from a finished run (`cascade.stage_paths`, as

@@ -25,7 +25,8 @@ STAGES = ("I", "II", "III")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "builtin:"
 # builtin:tiny       the shipped pretrained tiny cascade (finetune/builtin/tiny: stage II from
-#                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-vpred.yaml;
+#                    recipes/pretrain-tiny.yaml, stage I from recipes/pretrain-tiny-vpred.yaml
+#                    continued by recipes/pretrain-tiny-count.yaml;
 #                    see its README.md for how and how good)
 # builtin:tiny-init  random weights, stage I attending at 8 and 4px: where the first pretraining starts
 # builtin:tiny-init-attn16  the same with stage I attending at 16px too

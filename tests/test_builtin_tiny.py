@@ -21,7 +21,7 @@ def test_shipped_weights_are_fp16_safetensors_and_small():
     card = (SHIPPED_DIR / "tiny" / "README.md").read_text()
     assert "How it was made" in card and "recipes/pretrain-tiny.yaml" in card
     # the card names the run each shipped stage comes from (export's stage_paths rule)
-    assert "stage I from `pretrain-tiny-vpred`, stage II from `pretrain-tiny`" in card
+    assert "stage I from `pretrain-tiny-count`, stage II from `pretrain-tiny`" in card
 
 
 def test_builtin_tiny_samples_recognisable_images():
