@@ -239,9 +239,8 @@ def write_prompt_set(target: str | Path, split: str, n: int, seed: int = 0,
     return target
 
 
-INT_PARAMS = ("n", "size", "seed")
+NUMBER_PARAMS = {"n": int, "size": int, "seed": int, "plural": float}
 LOOK_PARAMS = ("style", "background")
-SHARE_PARAMS = ("plural",)
 
 
 def parse_synth_path(path: str) -> tuple[str, dict]:
@@ -254,15 +253,15 @@ def parse_synth_path(path: str) -> tuple[str, dict]:
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key in LOOK_PARAMS:
             params[key] = value
-        elif key in INT_PARAMS + SHARE_PARAMS:
-            kind = int if key in INT_PARAMS else float
+        elif key in NUMBER_PARAMS:
+            kind = NUMBER_PARAMS[key]
             try:
                 params[key] = kind(value)
             except ValueError:
-                raise UserError(f"{path}: synth parameter {key} must be "
-                                f"{'an integer' if kind is int else 'a number'}") from None
+                what = "an integer" if kind is int else "a number"
+                raise UserError(f"{path}: synth parameter {key} must be {what}") from None
         else:
-            known = ", ".join(INT_PARAMS + LOOK_PARAMS + SHARE_PARAMS)
+            known = ", ".join([*NUMBER_PARAMS, *LOOK_PARAMS])
             raise UserError(f"{path}: unknown synth parameter '{key}' ({known})")
     _look(split, params.get("style"), params.get("background"), path)  # names checked here, with the path
     _plural_share(params.get("plural"), path)
