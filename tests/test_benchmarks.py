@@ -73,3 +73,38 @@ def test_guidance_sweep_scores_every_variant_scale_and_prompt_set(tiny_cascade, 
     assert all(0.0 <= r["scores"]["overall"] <= 1.0 and r["scores"]["n"] == 2 for r in rows)
     printed = capsys.readouterr().out
     assert "| base | 4 | general |" in printed
+
+
+def test_guidance_sweep_by_count_scores_each_count_and_loads_adapter_folders(tiny_cascade, tmp_path, capsys):
+    from guidance_sweep import main
+
+    from finetune import adapters
+    from finetune.cascade import Cascade
+    from finetune.lora import attach_lora
+
+    unet = Cascade.from_spec(str(tiny_cascade)).load_unet("I")
+    attach_lora(unet, 2, 2.0, 0.0, ["to_q", "to_v"])
+    adapters.save_adapter(unet, tmp_path / "ema", {"stage": "I"})
+    out = tmp_path / "rows.json"
+    # seed 1's first 8 domain prompts hold one-, two- and three-object scenes (6, 1 and 1)
+    assert main([str(tiny_cascade), "--guidance", "1", "--n", "8", "--seed", "1", "--steps", "1",
+                 "--by-count", "--adapters", str(tmp_path / "ema"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    sets = ["domain", "domain x1", "domain x2", "domain x3", "general", "general x1", "general x2", "general x3"]
+    assert [(r["variant"], r["set"]) for r in rows] == [("base", s) for s in sets] + [(str(tmp_path / "ema"), s) for s in sets]
+    whole = rows[0]
+    assert sum(r["scores"]["n"] for r in rows[1:4]) == whole["scores"]["n"] == 8
+    assert "position" in rows[1]["scores"] and "position" not in rows[2]["scores"]  # only singles have one
+    assert {k: sum(v.values()) for k, v in whole["seen_counts"].items()} == {
+        str(c): rows[c]["scores"]["n"] for c in (1, 2, 3)}
+    assert "seen_counts" not in rows[1]
+    assert "objects seen (base, guidance 1, domain): 1 -> " in capsys.readouterr().out
+
+
+def test_guidance_sweep_refuses_a_folder_without_adapter(tiny_cascade, tmp_path, capsys):
+    from guidance_sweep import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tiny_cascade), "--adapters", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"--adapters: {tmp_path} holds no pytorch_lora_weights.safetensors" in capsys.readouterr().err
