@@ -55,6 +55,7 @@ def sweep(cascade_spec: str, runs: list[Path], scales: list[float], prompt_specs
 
     cascade = Cascade.from_spec(cascade_spec)
     prompt_sets = {name: load_prompt_set(spec) for name, spec in prompt_specs.items()}
+    groups = {name: subsets(prompts, by_count) for name, prompts in prompt_sets.items()}
     variants = ([CascadeVariant("base")] + [CascadeVariant(str(run), adapters=run_adapters(run)) for run in runs]
                 + [CascadeVariant(str(folder), adapters={"I": folder}) for folder in adapters])
     rows = []
@@ -64,7 +65,7 @@ def sweep(cascade_spec: str, runs: list[Path], scales: list[float], prompt_specs
             settings = SampleSettings(steps=steps, batch_size=batch_size, guidance_scale=scale)
             for name, prompts in prompt_sets.items():
                 images = sampler.generate([p.text for p in prompts], settings)
-                for suffix, picked in subsets(prompts, by_count).items():
+                for suffix, picked in groups[name].items():
                     rows.append({"variant": variant.name, "guidance": scale, "set": name + suffix,
                                  "scores": judge_images([images[i] for i in picked], [prompts[i] for i in picked])})
                     if by_count and not suffix:  # the whole set's row
@@ -90,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="stage I sampling steps")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    from finetune.adapters import WEIGHT_NAME
+
     specs = {name: f"synth:{name}?n={args.n}&seed={args.seed}" for name in ("domain", "general")}
     runs = [Path(r) for r in args.runs.split(",") if r]
     adapters = [Path(a) for a in args.adapters.split(",") if a]
-    from finetune.adapters import WEIGHT_NAME
-
     for folder in adapters:
         if not (folder / WEIGHT_NAME).is_file():
             parser.error(f"--adapters: {folder} holds no {WEIGHT_NAME}; give a stage I adapter folder")
