@@ -6,6 +6,8 @@ then sampling latency of the cascade, teacher against a distilled student.
     python benchmarks/run_benchmark.py --reps 5 --markdown docs/performance-latest.md
     python benchmarks/run_benchmark.py --compile       # also the kit with train.compile: true
                                                        # (adds minutes of compilation per run)
+    python benchmarks/run_benchmark.py --bf16          # also the kit with train.mixed_precision: bf16
+                                                       # (autocast; fast where the CPU has native bf16)
 
 Every training measurement is a fresh process (peak RSS is the process's VmHWM, or
 torch.cuda.max_memory_allocated on a GPU), the configurations are interleaved in a rotating
@@ -68,6 +70,23 @@ def child_reference(args) -> dict:
     return summarise(times, args.batch, args.warmup)
 
 
+def kit_recipe(args, work: Path) -> str:
+    """The recipe the kit's child trains: one phase of `args.steps` steps on one stage, with
+    `args.kit_train` (", key: value, ...") appended to its train section."""
+    contrastive = f"losses: {{contrastive: {{kind: {args.contrastive}}}}}\n" if args.contrastive != "off" else ""
+    return f"""name: bench
+seed: 0
+output_dir: {work / 'run'}
+cache_dir: {work / 'cache'}
+cascade: {{path: {args.cascade}, stages: [{args.stage}]}}
+lora: {{rank: {args.rank}, alpha: {args.rank}}}
+optim: {{batch_size: {args.batch}}}
+train: {{checkpoint_every: 100000, log_every: 100000, device: auto{args.kit_train}}}
+{contrastive}phases:
+  - {{name: domain, data: {{path: {args.data}}}, steps: {args.steps}}}
+"""
+
+
 def child_kit(args) -> dict:
     from finetune.recipe import load_recipe
     from finetune.train import Trainer, run_recipe
@@ -82,19 +101,8 @@ def child_kit(args) -> dict:
 
     Trainer.step = timed
     work = Path(tempfile.mkdtemp(prefix="bench-kit-"))
-    contrastive = f"losses: {{contrastive: {{kind: {args.contrastive}}}}}\n" if args.contrastive != "off" else ""
     recipe = work / "bench.yaml"
-    recipe.write_text(f"""name: bench
-seed: 0
-output_dir: {work / 'run'}
-cache_dir: {work / 'cache'}
-cascade: {{path: {args.cascade}, stages: [{args.stage}]}}
-lora: {{rank: {args.rank}, alpha: {args.rank}}}
-optim: {{batch_size: {args.batch}}}
-train: {{checkpoint_every: 100000, log_every: 100000, device: auto{args.kit_train}}}
-{contrastive}phases:
-  - {{name: domain, data: {{path: {args.data}}}, steps: {args.steps}}}
-""")
+    recipe.write_text(kit_recipe(args, work))
     run_recipe(load_recipe(recipe))
     return summarise(times, args.batch, args.warmup)
 
@@ -130,6 +138,61 @@ def child_sampling(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
+def benchmark_configs(compile: bool = False, bf16: bool = False) -> list[tuple[str, dict]]:
+    """(loop, settings) of every row, in table order within a stage. Stage II's kit also fits
+    IF's learned variance (the reference fits epsilon only): its "variance: ignore" row is
+    the like-for-like loss."""
+    configs = [("kit", dict(stage="I")), ("reference", dict(stage="I")),
+               ("kit", dict(stage="I", contrastive="feature_infonce")),
+               ("kit", dict(stage="II")), ("reference", dict(stage="II")),
+               ("kit", dict(stage="II", contrastive="feature_infonce")),
+               ("kit", dict(stage="II", train="variance: ignore"))]
+    extra_train = (["compile: true"] if compile else []) + (["mixed_precision: bf16"] if bf16 else [])
+    if compile and bf16:
+        extra_train.append("compile: true, mixed_precision: bf16")
+    return configs + [("kit", dict(stage=stage, train=train)) for train in extra_train for stage in ("I", "II")]
+
+
+def paired_ratios(rows: list[dict], against: list[dict], key: str = "images_per_s") -> list[float]:
+    """rows[r][key] / against[r][key] for every repetition r. Both were measured in the same
+    repetition, close in time, so the machine's drift between repetitions (which moves a
+    configuration's throughput by 15% or more here) cancels in each ratio."""
+    return [row[key] / base[key] for row, base in zip(rows, against, strict=True)]
+
+
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """The median, and the range over the repetitions when there are several."""
+    text = format(statistics.median(values), fmt) + unit
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)} to {format(max(values), fmt)})"
+    return text
+
+
+def training_table(configs: list[tuple[str, dict]], results: dict[int, list[dict]]) -> list[str]:
+    """The training rows in markdown: medians over the repetitions, and every ratio taken per
+    repetition (paired) with its median and range."""
+    def med(i, key):
+        return statistics.median(r[key] for r in results[i])
+
+    lines = ["| stage | loop | images/s | peak memory (MB) | time to first step (s) | images/s vs reference |",
+             "|---|---|---|---|---|---|"]
+    for stage in ("I", "II"):
+        ref = next(i for i, (k, e) in enumerate(configs) if k == "reference" and e["stage"] == stage)
+        for i, (kind, extra) in enumerate(configs):
+            if extra["stage"] != stage:
+                continue
+            name = kind + (f" + {extra['contrastive']}" if "contrastive" in extra else "") + (
+                f" ({extra['train']})" if "train" in extra else "")
+            lines.append(f"| {stage} | {name} | {med(i, 'images_per_s'):.1f} | {med(i, 'peak_mb'):.0f} | "
+                         f"{med(i, 'first_step_s'):.1f} | {spread(paired_ratios(results[i], results[ref]), '.2f', 'x')} |")
+        kit = next(i for i, (k, e) in enumerate(configs) if k == "kit" and e == {"stage": stage})
+        con = next(i for i, (k, e) in enumerate(configs) if "contrastive" in e and e["stage"] == stage)
+        # the step-time cost: time with the term over time without, minus one
+        cost = [1 / ratio - 1 for ratio in paired_ratios(results[con], results[kit])]
+        lines.append(f"| {stage} | contrastive cost | | | | {spread(cost, '+.0%')} of kit step time |")
+    return lines
+
+
 def run_child(kind: str, args, **extra) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--cascade", args.cascade,
            "--data", str(args.data), "--batch", str(extra.get("batch", args.batch)),
@@ -162,6 +225,8 @@ def main() -> int:
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--compile", action="store_true",
                         help="also measure the kit with train.compile: true (torch.compile)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also measure the kit with train.mixed_precision: bf16 (with --compile: both)")
     parser.add_argument("--child", choices=["kit", "reference", "sampling"], help=argparse.SUPPRESS)
     parser.add_argument("--stage", default="I", help=argparse.SUPPRESS)
     parser.add_argument("--contrastive", default="off", help=argparse.SUPPRESS)
@@ -178,15 +243,7 @@ def main() -> int:
 
         args.data = write_split(Path(tempfile.mkdtemp(prefix="bench-data-")) / "domain", "domain",
                                 n=256, size=64, seed=2)
-    # stage II's kit also fits IF's learned variance (the reference fits epsilon only): the
-    # "variance: ignore" row is the like-for-like loss
-    configs = [("kit", dict(stage="I")), ("reference", dict(stage="I")),
-               ("kit", dict(stage="I", contrastive="feature_infonce")),
-               ("kit", dict(stage="II")), ("reference", dict(stage="II")),
-               ("kit", dict(stage="II", contrastive="feature_infonce")),
-               ("kit", dict(stage="II", train="variance: ignore"))]
-    if args.compile:
-        configs += [("kit", dict(stage=stage, train="compile: true")) for stage in ("I", "II")]
+    configs = benchmark_configs(args.compile, args.bf16)
     results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     started = time.time()
     for rep in range(args.reps):
@@ -198,25 +255,9 @@ def main() -> int:
             print(f"rep {rep + 1}/{args.reps} {kind} {extra}: {results[i][-1]}", file=sys.stderr)
     sampling = [run_child("sampling", args) for _ in range(args.reps)]
 
-    def med(i, key):
-        return statistics.median(r[key] for r in results[i])
-
     lines = [f"Training, LoRA rank {args.rank}, batch {args.batch}, {args.steps} steps "
-             f"({args.warmup} warm-up), median of {args.reps}; cascade {args.cascade}",
-             "", "| stage | loop | images/s | peak memory (MB) | time to first step (s) | images/s vs reference |",
-             "|---|---|---|---|---|---|"]
-    for stage in ("I", "II"):
-        ref = next(i for i, (k, e) in enumerate(configs) if k == "reference" and e["stage"] == stage)
-        for i, (kind, extra) in enumerate(configs):
-            if extra["stage"] != stage:
-                continue
-            name = kind + (f" + {extra['contrastive']}" if "contrastive" in extra else "") + (
-                f" ({extra['train']})" if "train" in extra else "")
-            lines.append(f"| {stage} | {name} | {med(i, 'images_per_s'):.1f} | {med(i, 'peak_mb'):.0f} | "
-                         f"{med(i, 'first_step_s'):.1f} | {med(i, 'images_per_s') / med(ref, 'images_per_s'):.2f}x |")
-        kit = next(i for i, (k, e) in enumerate(configs) if k == "kit" and e == {"stage": stage})
-        con = next(i for i, (k, e) in enumerate(configs) if "contrastive" in e and e["stage"] == stage)
-        lines.append(f"| {stage} | contrastive cost | | | | {1 - med(con, 'images_per_s') / med(kit, 'images_per_s'):+.0%} of kit step time |")
+             f"({args.warmup} warm-up), median of {args.reps}; cascade {args.cascade}", ""]
+    lines += training_table(configs, results)
     lines += ["", f"Sampling {args.batch} images ({args.sample_steps} stage I steps, {args.sample_steps_II} "
               f"stage II steps), seconds, median of {args.reps}; student cuts {STUDENT}", "",
               "| part | teacher (s) | student (s) | speed-up |", "|---|---|---|---|"]

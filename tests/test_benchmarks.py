@@ -108,3 +108,57 @@ def test_guidance_sweep_refuses_a_folder_without_adapter(tiny_cascade, tmp_path,
         main([str(tiny_cascade), "--adapters", str(tmp_path)])
     assert stop.value.code == 2
     assert f"--adapters: {tmp_path} holds no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+def test_run_benchmark_bf16_and_compile_rows_are_recipes_the_kit_accepts(tmp_path):
+    """--bf16 and --compile add kit rows for both stages whose recipes load with the asked
+    train settings (a typo there would fail every child mid-benchmark)."""
+    from argparse import Namespace
+
+    from run_benchmark import benchmark_configs, kit_recipe
+
+    from finetune.recipe import load_recipe
+
+    assert benchmark_configs() == benchmark_configs(compile=False, bf16=False)
+    base = len(benchmark_configs())
+    extra = benchmark_configs(compile=True, bf16=True)[base:]
+    assert sorted((e["stage"], e["train"]) for _, e in extra) == sorted(
+        (stage, train) for stage in ("I", "II")
+        for train in ("compile: true", "mixed_precision: bf16", "compile: true, mixed_precision: bf16"))
+    assert len(benchmark_configs(bf16=True)) == base + 2
+    (tmp_path / "data").mkdir()
+    for _, settings in extra:
+        args = Namespace(cascade="builtin:tiny", stage=settings["stage"], rank=4, batch=2, steps=3,
+                         data=tmp_path / "data", contrastive="off", kit_train=f", {settings['train']}")
+        path = tmp_path / f"{settings['stage']}-{len(settings['train'])}.yaml"
+        path.write_text(kit_recipe(args, tmp_path))
+        recipe = load_recipe(path).recipe
+        assert recipe.cascade.stages == [settings["stage"]]
+        assert recipe.train.compile == ("compile" in settings["train"])
+        assert recipe.train.mixed_precision == ("bf16" if "bf16" in settings["train"] else "no")
+
+
+def test_run_benchmark_ratios_are_paired_per_repetition():
+    """A machine that runs everything twice as fast in one repetition must not move the
+    ratios: each is taken within a repetition, and the table gives their median and range."""
+    from run_benchmark import benchmark_configs, training_table
+
+    configs = benchmark_configs()
+    speed = [1.0, 2.0, 1.0]  # repetition 2 ran on a faster machine
+    base = {("kit", "I"): 60.0, ("reference", "I"): 50.0, ("kit", "II"): 30.0, ("reference", "II"): 30.0}
+    results = {}
+    for i, (kind, extra) in enumerate(configs):
+        rate = base.get((kind, extra["stage"]), 24.0 if extra["stage"] == "I" else 30.0)
+        if kind == "kit" and "contrastive" in extra and extra["stage"] == "I":
+            rate = 48.0  # 60 -> 48 images/s: each step takes 25% longer
+        faster = 1.1 if kind == "kit" and "contrastive" not in extra else 1.0  # the kit alone, repetition 1
+        results[i] = [{"images_per_s": rate * s * (faster if r == 0 else 1.0), "peak_mb": 100.0,
+                       "first_step_s": 1.0} for r, s in enumerate(speed)]
+    table = "\n".join(training_table(configs, results))
+    # kit I: 66, 120, 60 images/s against 50, 100, 50: ratios 1.32, 1.20, 1.20
+    assert "| I | kit | 66.0 | 100 | 1.0 | 1.20x (1.20 to 1.32) |" in table
+    assert "| I | reference | 50.0 | 100 | 1.0 | 1.00x (1.00 to 1.00) |" in table
+    assert "| II | kit | 33.0 | 100 | 1.0 | 1.00x (1.00 to 1.10) |" in table
+    # 48 against 66, 120, 60 images/s: steps 37.5%, 25%, 25% longer
+    assert "| I | contrastive cost | | | | +25% (+25% to +38%) of kit step time |" in table
+    assert "| II | contrastive cost | | | | +0% (+0% to +10%) of kit step time |" in table
