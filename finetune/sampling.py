@@ -2,7 +2,8 @@
 
 `CascadeSampler` loads `IFPipeline` (stage I) and `IFSuperResolutionPipeline` (stage II) from
 the cascade's stage folders, shares one text encoder between them, applies each stage's
-adapter (fused at the requested scale: no LoRA overhead per step) or swaps in a student UNet,
+adapter (fused at the requested scale: no LoRA overhead per step; `fuse=False` keeps peft's
+layers, as `benchmarks/fused_lora.py` compares) or swaps in a student UNet,
 and generates stage I then stage II for a list of prompts, in batches, from a seed.
 
 Each prompt i uses its own generator seeded (seed, i), so image i is the same whatever the
@@ -49,7 +50,7 @@ def _generators(seed: int, start: int, count: int) -> list[torch.Generator]:
 
 class CascadeSampler:
     def __init__(self, cascade: Cascade, variant: CascadeVariant, stages: list[str] | None = None,
-                 device: str | torch.device = "cpu", adapter_scale: float = 1.0):
+                 device: str | torch.device = "cpu", adapter_scale: float = 1.0, fuse: bool = True):
         from diffusers import IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
         from diffusers.utils import logging as diffusers_logging
 
@@ -73,8 +74,11 @@ class CascadeSampler:
                 requires_safety_checker=False, use_safetensors=True, **extra)
             if stage in variant.adapters:
                 pipe.load_lora_weights(str(variant.adapters[stage]), adapter_name="adapted")
-                pipe.fuse_lora(components=["unet"], lora_scale=adapter_scale)
-                pipe.unload_lora_weights()  # the fused weights stay; peft layers go
+                if fuse:
+                    pipe.fuse_lora(components=["unet"], lora_scale=adapter_scale)
+                    pipe.unload_lora_weights()  # the fused weights stay; peft layers go
+                else:  # peft's LoRA layers stay and run beside the base at every step
+                    pipe.set_adapters(["adapted"], adapter_weights=[adapter_scale])
             pipe.set_progress_bar_config(disable=True)
             self.pipes[stage] = pipe.to(device)
         self.device = device

@@ -162,3 +162,29 @@ def test_run_benchmark_ratios_are_paired_per_repetition():
     # 48 against 66, 120, 60 images/s: steps 37.5%, 25%, 25% longer
     assert "| I | contrastive cost | | | | +25% (+25% to +38%) of kit step time |" in table
     assert "| II | contrastive cost | | | | +0% (+0% to +10%) of kit step time |" in table
+
+
+def test_fused_lora_benchmark_draws_what_the_unfused_adapter_draws(tiny_cascade, tmp_path, capsys):
+    """Fusing is only a speed-up if it samples the same images; and the adapter it fuses must
+    change them, or the comparison proves nothing."""
+    import re
+
+    import numpy as np
+    from fused_lora import main, quickstart_like_adapters
+
+    from finetune.cascade import Cascade
+    from finetune.sampling import CascadeSampler, CascadeVariant, SampleSettings
+
+    assert main(["--cascade", str(tiny_cascade), "--reps", "1", "--images", "2", "--steps", "2",
+                 "--steps-II", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| fused (the kit) |" in out and "| unfused (peft layers) |" in out
+    assert int(re.search(r"largest pixel difference between the two: (\d+) of 255", out).group(1)) <= 2
+
+    cascade = Cascade.from_spec(str(tiny_cascade))
+    folders = quickstart_like_adapters(cascade, ["I"], tmp_path, Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
+    settings = SampleSettings(steps=2, batch_size=2)
+    base, fused = (np.asarray(CascadeSampler(cascade, variant, stages=["I"]).generate(["a red circle"] * 2, settings)[0],
+                              dtype=np.int16)
+                   for variant in (CascadeVariant(), CascadeVariant("adapted", adapters=folders)))
+    assert np.abs(base - fused).max() > 8
