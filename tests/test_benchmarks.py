@@ -119,7 +119,6 @@ def test_run_benchmark_bf16_and_compile_rows_are_recipes_the_kit_accepts(tmp_pat
 
     from finetune.recipe import load_recipe
 
-    assert benchmark_configs() == benchmark_configs(compile=False, bf16=False)
     base = len(benchmark_configs())
     extra = benchmark_configs(compile=True, bf16=True)[base:]
     assert sorted((e["stage"], e["train"]) for _, e in extra) == sorted(
@@ -151,7 +150,8 @@ def test_run_benchmark_ratios_are_paired_per_repetition():
         rate = base.get((kind, extra["stage"]), 24.0 if extra["stage"] == "I" else 30.0)
         if kind == "kit" and "contrastive" in extra and extra["stage"] == "I":
             rate = 48.0  # 60 -> 48 images/s: each step takes 25% longer
-        faster = 1.1 if kind == "kit" and "contrastive" not in extra else 1.0  # the kit alone, repetition 1
+        # kit rows without the term also run 10% faster in repetition 1 (their own noise)
+        faster = 1.1 if kind == "kit" and "contrastive" not in extra else 1.0
         results[i] = [{"images_per_s": rate * s * (faster if r == 0 else 1.0), "peak_mb": 100.0,
                        "first_step_s": 1.0} for r, s in enumerate(speed)]
     table = "\n".join(training_table(configs, results))
@@ -159,7 +159,7 @@ def test_run_benchmark_ratios_are_paired_per_repetition():
     assert "| I | kit | 66.0 | 100 | 1.0 | 1.20x (1.20 to 1.32) |" in table
     assert "| I | reference | 50.0 | 100 | 1.0 | 1.00x (1.00 to 1.00) |" in table
     assert "| II | kit | 33.0 | 100 | 1.0 | 1.00x (1.00 to 1.10) |" in table
-    # 48 against 66, 120, 60 images/s: steps 37.5%, 25%, 25% longer
+    # 48, 96, 48 images/s against 66, 120, 60: steps 37.5%, 25%, 25% longer
     assert "| I | contrastive cost | | | | +25% (+25% to +38%) of kit step time |" in table
     assert "| II | contrastive cost | | | | +0% (+0% to +10%) of kit step time |" in table
 
