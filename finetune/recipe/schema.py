@@ -195,9 +195,9 @@ class EMASpec(Strict):
 
 class TrainSpec(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description=(
-        "bf16 on Ampere+ GPUs halves activation memory. On a CPU with native bf16 (AVX512-BF16,"
-        " AMX) it trained builtin:tiny's stage II 1.13x faster at 26% less memory, and stage I"
-        " 0.85x as fast (docs/performance.md)."))
+        "bf16 on Ampere+ GPUs halves activation memory. On a CPU with native bf16 (measured on"
+        " AVX512-BF16) it trained builtin:tiny's stage II 1.13x faster at 26% less memory, and"
+        " stage I 0.85x as fast (docs/performance.md)."))
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Train with the empty caption this often (classifier-free guidance).")
     variance: Literal["vlb", "ignore"] = Field("vlb", description=(
         "vlb trains IF's learned variance (Improved-DDPM hybrid loss) so the stock scheduler samples correctly."))
